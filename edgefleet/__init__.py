@@ -1,0 +1,1 @@
+"""The edgefleet command line front for both sides."""

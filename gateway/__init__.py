@@ -1,0 +1,1 @@
+"""edgefleet gateway: the manufacturer side."""
