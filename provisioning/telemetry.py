@@ -41,7 +41,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, NamedTuple, NotRequired
+from typing import Annotated, Any, Final, NamedTuple, NotRequired
 
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
@@ -121,7 +121,7 @@ class _WireSample(TypedDict):
 class _WireBatch(TypedDict):
     __pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[misc]
 
-    v: Literal[1]
+    v: Annotated[int, Field(ge=SCHEMA_VERSION, le=SCHEMA_VERSION)]  # strict: no 1.0, no true
     seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
     samples: Annotated[list[_WireSample], Field(min_length=1)]
     device: NotRequired[str]

@@ -135,7 +135,7 @@ def test_schema_detail_names_the_place() -> None:
     assert "metric names match" in error.detail
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None, True])
+@pytest.mark.parametrize("version", [2, 0, "1", None, True, 1.0])
 def test_unsupported_version(version: Any) -> None:
     assert rejected(doc(v=version)).reason == UNSUPPORTED_VERSION
 
