@@ -11,10 +11,13 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,12 +31,13 @@ from gateway.broker.dynsec import (
     validate_device_id,
 )
 from gateway.broker.mosquitto import MosquittoSupervisor, PortInUseError
-from gateway.broker.mqtt_url import parse_mqtt_url
+from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker.pki import ensure_ca, ensure_server_certificate
 from tests.support.mosquitto import MqttProbe, device_endpoint, enroll_device, running_broker
 from tests.support.waiting import free_port, wait_for
 
 NOT_AUTHORIZED = 0x87
+QUEUED_COMMANDS = 1500
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +61,20 @@ def probes() -> Iterator[list[MqttProbe]]:
         probe.close()
 
 
-def _probe(probes: list[MqttProbe], *args: object, **kwargs: object) -> MqttProbe:
-    probe = MqttProbe(*args, **kwargs)  # type: ignore[arg-type]
+def _probe(
+    probes: list[MqttProbe],
+    endpoint: MqttEndpoint,
+    client_id: str,
+    *,
+    clean_start: bool = True,
+    session_expiry: int = 0,
+) -> MqttProbe:
+    probe = MqttProbe(endpoint, client_id, clean_start=clean_start, session_expiry=session_expiry)
     probes.append(probe)
     return probe
 
 
-def _connected(probes: list[MqttProbe], endpoint: object, client_id: str) -> MqttProbe:
+def _connected(probes: list[MqttProbe], endpoint: MqttEndpoint, client_id: str) -> MqttProbe:
     probe = _probe(probes, endpoint, client_id)
     rc = probe.connect()
     assert not rc.is_failure, f"{client_id} was refused: {rc}"
@@ -162,16 +173,14 @@ def test_device_uses_its_own_topics_and_receives_commands(
 
     assert device.subscribe("fleet/dev-own/cmd").value == 1  # granted QoS 1
     for kind in ("telemetry", "status", "reply"):
-        rc = device.publish(f"fleet/dev-own/{kind}", f"{kind}-payload")
-        assert rc is not None and not rc.is_failure, f"{kind}: {rc}"
-        wait_for(
-            lambda kind=kind: gateway.received(f"fleet/dev-own/{kind}"),  # type: ignore[misc]
-            what=f"gateway receiving {kind}",
-        )
+        topic = f"fleet/dev-own/{kind}"
+        rc = device.publish(topic, f"{kind}-payload")
+        assert not rc.is_failure, f"{kind}: {rc}"
+        wait_for(partial(gateway.received, topic), what=f"gateway receiving {kind}")
     assert gateway.received("fleet/dev-own/telemetry") == [b"telemetry-payload"]
 
     rc = gateway.publish("fleet/dev-own/cmd", b'{"cmd": "ping"}')
-    assert rc is not None and not rc.is_failure
+    assert not rc.is_failure
     assert wait_for(lambda: device.received("fleet/dev-own/cmd"), what="cmd delivered") == [
         b'{"cmd": "ping"}'
     ]
@@ -188,12 +197,12 @@ def test_device_cannot_publish_or_subscribe_for_another_device(
 
     for topic in ("fleet/dev-victim/telemetry", "fleet/dev-victim/status", "fleet/dev-victim/cmd"):
         rc = mallory.publish(topic, b"forged")
-        assert rc is not None and rc.value == NOT_AUTHORIZED, f"{topic}: {rc}"
+        assert rc.value == NOT_AUTHORIZED, f"{topic}: {rc}"
     for topic in ("fleet/dev-victim/cmd", "fleet/+/cmd", "fleet/#", "#", "fleet/dev-mallory/#"):
         assert mallory.subscribe(topic).value == NOT_AUTHORIZED, topic
 
     # Markers sent after the forgeries arrive; the forgeries never do (per-client ordering).
-    assert not mallory.publish("fleet/dev-mallory/telemetry", b"marker").is_failure  # type: ignore[union-attr]
+    assert not mallory.publish("fleet/dev-mallory/telemetry", b"marker").is_failure
     wait_for(lambda: gateway.received("fleet/dev-mallory/telemetry"), what="telemetry marker")
     assert gateway.received("fleet/dev-victim/telemetry") == []
     gateway.publish("fleet/dev-victim/cmd", b"real")
@@ -221,7 +230,7 @@ def test_gateway_identity_is_limited_to_its_role(
     assert gateway.subscribe("#").value == NOT_AUTHORIZED
     assert not gateway.subscribe("fleet/+/status").is_failure  # retained statuses at start
     rc = gateway.publish("fleet/dev-x/telemetry", b"forged")
-    assert rc is not None and rc.value == NOT_AUTHORIZED
+    assert rc.value == NOT_AUTHORIZED
 
 
 def test_remove_device_disconnects_it_at_once_and_it_cannot_return(
@@ -229,7 +238,7 @@ def test_remove_device_disconnects_it_at_once_and_it_cannot_return(
 ) -> None:
     endpoint = enroll_device(broker, "dev-revoked")
     device = _connected(probes, endpoint, "dev-revoked")
-    assert device.publish("fleet/dev-revoked/status", b"online", retain=True) is not None
+    assert not device.publish("fleet/dev-revoked/status", b"online", retain=True).is_failure
     assert "dev-revoked" in admin.list_devices()
 
     started = time.monotonic()
@@ -323,20 +332,68 @@ def test_admin_calls_while_broker_is_down_raise_broker_error(tmp_path: Path) -> 
         DynsecAdmin(broker.endpoint, timeout=1.0).connect()
 
 
+def test_admin_with_wrong_password_fails_fast(broker: MosquittoSupervisor) -> None:
+    wrong = replace(broker.endpoint, password="wrong")
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="refused the connection"):
+        DynsecAdmin(wrong, timeout=5.0).connect()
+    assert time.monotonic() - started < 2
+
+
+ORPHAN_SCRIPT = """
+import sys
+from pathlib import Path
+from gateway.broker.mosquitto import MosquittoSupervisor
+supervisor = MosquittoSupervisor(Path(sys.argv[1]), port=int(sys.argv[2]), bind="127.0.0.1")
+supervisor.start()
+print(supervisor.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_broker_orphaned_by_a_killed_gateway_is_replaced(tmp_path: Path) -> None:
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT, str(tmp_path), str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    orphan_pid = 0
+    try:
+        assert gateway.stdout is not None
+        orphan_pid = int(gateway.stdout.readline())
+        gateway.kill()
+        gateway.wait()
+        assert Path(f"/proc/{orphan_pid}").exists(), "mosquitto should outlive a killed gateway"
+        with running_broker(tmp_path, port=port) as broker:
+            assert broker.pid != orphan_pid
+            wait_for(lambda: not Path(f"/proc/{orphan_pid}").exists(), what="orphan stopped")
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+        if orphan_pid and Path(f"/proc/{orphan_pid}").exists():
+            os.kill(orphan_pid, signal.SIGKILL)
+
+
 def test_retained_status_and_queued_command_survive_broker_restart(
     tmp_path: Path, probes: list[MqttProbe]
 ) -> None:
     port = free_port()
     with running_broker(tmp_path, port=port) as broker:
         endpoint = enroll_device(broker, "dev-offline")
-        device = MqttProbe(endpoint, "dev-offline", clean_start=False, session_expiry=86400)
-        probes.append(device)
+        device = _probe(probes, endpoint, "dev-offline", clean_start=False, session_expiry=86400)
         assert not device.connect().is_failure
         assert not device.subscribe("fleet/dev-offline/cmd").is_failure
         device.publish("fleet/dev-offline/status", b"online", retain=True)
         device.close()
         gateway = _connected(probes, broker.endpoint, "gw-persist")
-        assert not gateway.publish("fleet/dev-offline/cmd", b"queued-cmd").is_failure  # type: ignore[union-attr]
+        # More than Mosquitto's default max_queued_messages (1000): none may be dropped.
+        for n in range(QUEUED_COMMANDS):
+            gateway.client.publish("fleet/dev-offline/cmd", f"cmd-{n}", qos=1)
+        assert not gateway.publish("fleet/dev-offline/cmd", b"last").is_failure
         gateway.close()
 
     with running_broker(tmp_path, port=port) as broker:
@@ -345,12 +402,14 @@ def test_retained_status_and_queued_command_survive_broker_restart(
         assert wait_for(
             lambda: reader.received("fleet/dev-offline/status"), what="retained status"
         ) == [b"online"]
-        back = MqttProbe(endpoint, "dev-offline", clean_start=False, session_expiry=86400)
-        probes.append(back)
+        back = _probe(probes, endpoint, "dev-offline", clean_start=False, session_expiry=86400)
         assert not back.connect().is_failure
-        assert wait_for(
-            lambda: back.received("fleet/dev-offline/cmd"), what="queued cmd after restart"
-        ) == [b"queued-cmd"]
+        wait_for(
+            lambda: b"last" in back.received("fleet/dev-offline/cmd"),
+            what="queued commands after restart",
+        )
+        expected = [f"cmd-{n}".encode() for n in range(QUEUED_COMMANDS)] + [b"last"]
+        assert back.received("fleet/dev-offline/cmd") == expected
 
 
 def test_port_in_use_names_the_flag(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ class MqttProbe:
 
     def connect(self, timeout: float = 5.0) -> ReasonCode:
         """Connect and return the CONNACK reason code (success or refusal)."""
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry
         self.client.connect_async(
             self.endpoint.host,
@@ -182,17 +182,19 @@ class MqttProbe:
 
     def publish(
         self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
-    ) -> ReasonCode | None:
-        """Publish; for QoS 1 wait for the PUBACK and return its reason code."""
+    ) -> ReasonCode:
+        """Publish with QoS 1 or 2, wait for the ack and return its reason code."""
+        if qos not in (1, 2):
+            raise ValueError(
+                "MqttProbe.publish waits for an ack; use probe.client.publish for QoS 0"
+            )
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(info.rc)
-        if qos == 0:
-            return None
         return self._wait_ack(info.mid, 5.0)[0]
 
     def received(self, topic: str) -> list[bytes]:
         with self._lock:
-            return [m.payload for m in self.messages if m.topic == topic]
+            return [bytes(m.payload) for m in self.messages if m.topic == topic]
 
     def close(self) -> None:
         self.client.disconnect()
