@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 # Helpers shared by the scripts in this folder. Sourced, never run on its own.
 #
 # Every script works from any current directory: paths are derived from this file's location,

@@ -91,7 +91,7 @@ install_venv() {
     return
   fi
   say "venv: pip install -e '.[dev]'"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -e "$REPO[dev]"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -e "${REPO}[dev]"
   echo "$want" >"$STAMP"
 }
 
