@@ -1,0 +1,226 @@
+"""`edgefleet agent run`: stay connected, report status, run signed commands.
+
+The MQTT session is persistent (clean_start=False, a long session expiry), so commands sent while
+the machine was offline arrive when it is back. paho-mqtt reconnects with backoff through broker
+restarts and network loss; the Last Will marks the machine offline when it vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent import __version__
+from edge_agent.command_inbox import CommandInbox
+from edge_agent.settings import AgentSettings
+from edge_agent.state import AgentState, Identity
+from provisioning.jwt_rules import Command, TokenRejected
+from provisioning.wire import DeviceStatus, Reply, Topics
+
+log = logging.getLogger(__name__)
+SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
+
+Handler = Callable[[Command, Callable[[str, str | None], None]], dict[str, Any]]
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, handlers: dict[str, Handler] | None = None) -> None:
+        self.settings = settings
+        self.identity: Identity = AgentState(settings.state_dir).load()
+        self.topics = Topics(self.identity.enrollment.topic_prefix)
+        self.inbox = CommandInbox(
+            settings.state_dir / "commands.db",
+            self.identity.gateway_public_key,
+            self.identity.enrollment.gateway_id,
+            self.identity.device_id,
+        )
+        self.handlers: dict[str, Handler] = {"ping": _ping, **(handlers or {})}
+        self._work: queue.Queue[Command | None] = queue.Queue()
+        self._stopped = threading.Event()
+        self.connected = threading.Event()
+        self._node_red_version_seen: str | None = None
+        self.client = self._make_client()
+
+    # ---- connection ---------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        ident = self.identity
+        broker = ident.enrollment.broker
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=broker.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            context = ssl.create_default_context(
+                cafile=str(ident.ca_path) if ident.ca_path else None
+            )
+            client.tls_set_context(context)
+        offline = DeviceStatus(state="offline", agent_version=__version__)
+        client.will_set(
+            self.topics.status(ident.device_id), offline.model_dump_json(), qos=1, retain=True
+        )
+        client.reconnect_delay_set(1, self.settings.max_reconnect_delay)
+        client.suppress_exceptions = True
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, flags: Any, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("the broker refused the connection: %s", reason_code)
+            return
+        log.info("connected to the broker (session present: %s)", flags.session_present)
+        client.subscribe(self.topics.cmd(self.identity.device_id), qos=1)
+        self.publish_status()
+        self.connected.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        self.connected.clear()
+        if not self._stopped.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def publish_status(self, state: str = "online") -> mqtt.MQTTMessageInfo:
+        status = DeviceStatus(
+            state="online" if state == "online" else "offline",
+            agent_version=__version__,
+            node_red_version=self._node_red_version_seen,
+            ts=time.time(),
+        )
+        return self.client.publish(
+            self.topics.status(self.identity.device_id),
+            status.model_dump_json(exclude_none=True),
+            qos=1,
+            retain=True,
+        )
+
+    def _watch_node_red(self) -> None:
+        """Probe Node-RED's version off the network thread; republish the status on a change."""
+        while not self._stopped.is_set():
+            version = self._node_red_version()
+            if version != self._node_red_version_seen:
+                self._node_red_version_seen = version
+                if self.connected.is_set():
+                    self.publish_status()
+            self._stopped.wait(30)
+
+    def _node_red_version(self) -> str | None:
+        try:
+            response = httpx.get(self.settings.node_red.rstrip("/") + "/settings", timeout=2)
+            version = response.json().get("version") if response.is_success else None
+            return str(version) if version else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    # ---- commands -----------------------------------------------------------------------
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            command = self.inbox.verify(bytes(msg.payload))
+        except TokenRejected as exc:
+            log.warning("refused a command on %s: %s (%s)", msg.topic, exc, exc.reason)
+            self._reply(Reply(command_id="?", state="refused", detail=f"{exc.reason}: {exc}"))
+            return
+        self._work.put(command)  # never block paho's network thread
+
+    def _run_commands(self) -> None:
+        while (command := self._work.get()) is not None:
+            seen = self.inbox.admit(command)
+            if seen is not None:
+                log.info("command %s seen before; reporting its result again", command.id)
+                result = seen.result or {"state": "running"}
+                self._reply(
+                    Reply(
+                        command_id=command.id,
+                        state=str(result.get("state")),
+                        detail=result.get("detail"),
+                        data=result,
+                    )
+                )
+                continue
+            result = self._execute(command)
+            self.inbox.finish(command.id, result)
+            self._reply(
+                Reply(
+                    command_id=command.id,
+                    state=str(result["state"]),
+                    detail=result.get("detail"),
+                    data=result,
+                )
+            )
+
+    def _execute(self, command: Command) -> dict[str, Any]:
+        handler = self.handlers.get(command.kind)
+        if handler is None:
+            return {"state": "refused", "detail": f"unknown command {command.kind!r}"}
+
+        def progress(state: str, detail: str | None = None) -> None:
+            self._reply(Reply(command_id=command.id, state=state, detail=detail))
+
+        try:
+            return handler(command, progress)
+        except Exception as exc:
+            log.exception("command %s (%s) failed", command.id, command.kind)
+            return {"state": "failed", "detail": str(exc)}
+
+    def _reply(self, reply: Reply) -> None:
+        reply.ts = time.time()
+        self.client.publish(
+            self.topics.reply(self.identity.device_id), reply.model_dump_json(), qos=1
+        )
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until stop() (from a signal handler or another thread)."""
+        worker = threading.Thread(target=self._run_commands, name="commands", daemon=True)
+        worker.start()
+        threading.Thread(target=self._watch_node_red, name="node-red-probe", daemon=True).start()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+        self.client.connect_async(
+            self.identity.broker_host,
+            self.identity.enrollment.broker.port,
+            keepalive=self.settings.keepalive,
+            clean_start=False,
+            properties=props,
+        )
+        self.client.loop_start()
+        log.info(
+            "agent %s running; broker %s:%d",
+            self.identity.device_id,
+            self.identity.broker_host,
+            self.identity.enrollment.broker.port,
+        )
+        self._stopped.wait()
+        if self.connected.is_set():
+            self.publish_status("offline").wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._work.put(None)
+        worker.join(timeout=10)
+        self.inbox.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _ping(command: Command, _progress: Callable[[str, str | None], None]) -> dict[str, Any]:
+    return {"state": "succeeded", "detail": "pong", "echo": json.loads(json.dumps(command.args))}

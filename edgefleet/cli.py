@@ -1,0 +1,52 @@
+"""`edgefleet`: one command line for the gateway, the agent and the operators.
+
+Each side's code loads only when one of its commands runs, so `edgefleet agent ...` works on a
+machine where only the agent extra is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from edgefleet import cmd_agent, cmd_gateway, cmd_operator
+from edgefleet.output import CommandError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet",
+        description="Remote services for a fleet of machines running Node-RED: provision a new "
+        "machine, push flows to the fleet, open a support tunnel.",
+        epilog="first steps:\n"
+        "  edgefleet gateway run --data-dir ./gw                 # on the gateway host\n"
+        "  export EDGEFLEET_TOKEN=$(edgefleet admin create-token --role admin --data-dir ./gw)\n"
+        "  export EDGEFLEET_GATEWAY=http://gateway-host:8080\n"
+        "  edgefleet token create --tag site=plant-3 --ttl 1h   # a provisioning token\n"
+        "  edgefleet agent enroll --gateway URL --token TOKEN  # on the machine\n"
+        "  edgefleet agent run                                  # on the machine\n"
+        "  edgefleet devices list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cmd_gateway.register(sub)
+    cmd_agent.register(sub)
+    cmd_operator.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CommandError as exc:
+        print(f"edgefleet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

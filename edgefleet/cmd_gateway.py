@@ -1,0 +1,173 @@
+"""Commands run on the gateway host: `gateway run` and `admin ...`.
+
+Only argparse is imported at module level: the gateway's code (FastAPI, SQLModel, uvicorn) loads
+when one of these commands runs, so `edgefleet agent ...` works where only the agent is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgefleet.output import CommandError, print_json
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gateway = sub.add_parser(
+        "gateway",
+        help="run the manufacturer-side gateway",
+        description="The gateway keeps the device registry, runs (or connects to) the MQTT broker "
+        "and serves the HTTP API.",
+    )
+    gsub = gateway.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = gsub.add_parser(
+        "run",
+        help="start the gateway in the foreground",
+        description="Start the gateway. On its embedded defaults it keeps SQLite and a Mosquitto "
+        "broker it starts and supervises itself (TLS with its own CA, dynamic security) in "
+        "--data-dir. Every flag also reads an EDGEFLEET_* environment variable.",
+        epilog="examples:\n"
+        "  edgefleet gateway run --data-dir /var/lib/edgefleet\n"
+        "  edgefleet gateway run --db postgresql://edgefleet@db/edgefleet "
+        "--mqtt-url mqtts://gw:secret@broker:8883 --mqtt-ca-file ca.pem",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _data_options(run)
+    run.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="where the HTTP API listens (default 0.0.0.0:8080; $EDGEFLEET_HTTP)",
+    )
+    broker = run.add_mutually_exclusive_group()
+    broker.add_argument(
+        "--mqtt-port",
+        type=int,
+        metavar="PORT",
+        help="port of the embedded Mosquitto, TLS (default 8883)",
+    )
+    broker.add_argument(
+        "--mqtt-url",
+        metavar="URL",
+        help="use an external broker instead (mqtts://user:pass@host:port)",
+    )
+    run.add_argument(
+        "--mqtt-ca-file",
+        type=Path,
+        metavar="PEM",
+        help="CA of the external broker, handed to machines at enrollment",
+    )
+    run.add_argument(
+        "--public-host",
+        metavar="HOST",
+        help="name machines use to reach this host (put in the broker certificate)",
+    )
+    run.add_argument("--topic-prefix", metavar="PREFIX", help="MQTT topic prefix (default fleet)")
+    run.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="PEM",
+        dest="signing_key_file",
+        help="the command-signing key; replicas of a cluster share one",
+    )
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    run.set_defaults(func=_run)
+
+    admin = sub.add_parser(
+        "admin",
+        help="local administration on the gateway host (talks to the database directly)",
+    )
+    asub = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = asub.add_parser(
+        "create-token",
+        help="make an operator API token (the first one comes from here)",
+        description="Create an operator API token directly in the database. Roles: viewer (read), "
+        "operator (also tokens, flows, tunnels), admin (also revoke machines, manage API tokens).",
+        epilog="example: export EDGEFLEET_TOKEN=$(edgefleet admin create-token --role admin)",
+    )
+    create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    create.add_argument("--name", default="admin", help="who or what the token is for")
+    _data_options(create)
+    create.add_argument("--json", action="store_true", help="print one JSON document")
+    create.set_defaults(func=_create_token)
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="gateway data directory (default ./edgefleet-data)",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        dest="db_url",
+        help="database URL, e.g. postgresql://user@host/db (default: SQLite in the data directory)",
+    )
+
+
+def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
+    from pydantic import ValidationError
+
+    from gateway.settings import GatewaySettings
+
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        return GatewaySettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"bad setting: {problems}", 2) from exc
+
+
+def _run(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _settings(
+        args,
+        (
+            "data_dir",
+            "http",
+            "db_url",
+            "mqtt_port",
+            "mqtt_url",
+            "mqtt_ca_file",
+            "public_host",
+            "topic_prefix",
+            "signing_key_file",
+        ),
+    )
+    from gateway.broker.dynsec import BrokerError
+    from gateway.broker.mosquitto import PortInUseError
+    from gateway.db import DatabaseUnavailable
+    from gateway.server import StartupError, run_gateway
+
+    try:
+        run_gateway(settings)
+    except (StartupError, PortInUseError, DatabaseUnavailable, BrokerError) as exc:
+        raise CommandError(str(exc), 2) from exc
+
+
+def _create_token(args: argparse.Namespace) -> None:
+    settings = _settings(args, ("data_dir", "db_url"))
+    from gateway.db import DatabaseUnavailable, make_engine, migrate, session_scope
+    from gateway.models import Role
+    from gateway.tokens import create_api_token
+
+    engine = make_engine(settings.database_url)
+    try:
+        migrate(engine)
+        with session_scope(engine) as session:
+            issued, row = create_api_token(
+                session, name=args.name, role=Role(args.role), actor="local-admin"
+            )
+    except DatabaseUnavailable as exc:
+        raise CommandError(str(exc), 2) from exc
+    finally:
+        engine.dispose()
+    if args.json:
+        print_json({"id": row.id, "name": row.name, "role": str(row.role), "token": issued.token})
+    else:
+        print(issued.token)

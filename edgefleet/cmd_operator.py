@@ -1,0 +1,233 @@
+"""Operator commands that talk to a gateway over HTTP: tokens, devices, audit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from edgefleet.client import GatewayClient
+from edgefleet.output import (
+    ago,
+    format_tags,
+    parse_duration,
+    parse_tags,
+    print_json,
+    print_table,
+    until,
+)
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gateway connection")
+    group.add_argument(
+        "--gateway",
+        default=os.environ.get("EDGEFLEET_GATEWAY", ""),
+        help="gateway URL (default: $EDGEFLEET_GATEWAY)",
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("EDGEFLEET_TOKEN", ""),
+        help="operator API token (default: $EDGEFLEET_TOKEN)",
+    )
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def client_of(args: argparse.Namespace) -> GatewayClient:
+    return GatewayClient(args.gateway, args.token)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _register_tokens(sub)
+    _register_devices(sub)
+    _register_audit(sub)
+
+
+def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tokens = sub.add_parser(
+        "token",
+        help="provisioning tokens that enroll new machines",
+        description="Provisioning tokens enroll new machines. A token is random, stored only as "
+        "a hash, expires, counts its uses and gives its tags to every machine it enrolls.",
+        epilog="example: edgefleet token create --tag site=plant-3 --ttl 1h --uses 5",
+    )
+    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = tsub.add_parser("create", help="make a token (printed once)")
+    create.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="tag for enrolled machines (repeat, or comma-separate)",
+    )
+    create.add_argument("--ttl", default="1h", help="how long it may be used (e.g. 30m, 1h, 7d)")
+    create.add_argument("--uses", type=int, default=1, help="how many machines it may enroll")
+    create.add_argument("--note", default="", help="a note for the token list")
+    _json_flag(create)
+    add_connection_options(create)
+    create.set_defaults(func=_token_create)
+    listing = tsub.add_parser("list", help="list tokens with their state and uses")
+    _json_flag(listing)
+    add_connection_options(listing)
+    listing.set_defaults(func=_token_list)
+    revoke = tsub.add_parser("revoke", help="stop a token from enrolling more machines")
+    revoke.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (pt-...)")
+    _json_flag(revoke)
+    add_connection_options(revoke)
+    revoke.set_defaults(func=_token_revoke)
+
+
+def _token_create(args: argparse.Namespace) -> None:
+    body = {
+        "ttl_seconds": parse_duration(args.ttl),
+        "uses": args.uses,
+        "tags": parse_tags(args.tag),
+        "note": args.note,
+    }
+    created = client_of(args).post("/provisioning-tokens", json=body)
+    if args.json:
+        print_json(created)
+        return
+    print(created["token"])
+    print(
+        f"token {created['id']}: {created['max_uses']} use(s), "
+        f"expires {until(created['expires_at'])}, "
+        f"tags {format_tags(created['tags'])}. It is shown only now.",
+    )
+    print("enroll a machine with: edgefleet agent enroll --gateway URL --token TOKEN")
+
+
+def _token_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [
+            t["id"],
+            t["state"],
+            f"{t['uses']}/{t['max_uses']}",
+            until(t["expires_at"]),
+            format_tags(t["tags"]),
+            t["note"] or "-",
+        ]
+        for t in items
+    ]
+
+
+def _token_list(args: argparse.Namespace) -> None:
+    items = client_of(args).get("/provisioning-tokens")
+    if args.json:
+        print_json(items)
+    else:
+        print_table(["ID", "STATE", "USES", "EXPIRES", "TAGS", "NOTE"], _token_rows(items))
+
+
+def _token_revoke(args: argparse.Namespace) -> None:
+    item = client_of(args).delete(f"/provisioning-tokens/{args.token_id}")
+    if args.json:
+        print_json(item)
+    else:
+        print(f"token {item['id']} is {item['state']}")
+
+
+def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    devices = sub.add_parser(
+        "devices",
+        help="the machines in the registry",
+        description="List, show and revoke enrolled machines.",
+    )
+    dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = dsub.add_parser("list", help="every machine with tags, online state, last seen")
+    listing.add_argument("--all", action="store_true", help="include revoked machines")
+    _json_flag(listing)
+    add_connection_options(listing)
+    listing.set_defaults(func=_devices_list)
+    show = dsub.add_parser("show", help="one machine in full")
+    show.add_argument("device_id", metavar="DEVICE_ID")
+    _json_flag(show)
+    add_connection_options(show)
+    show.set_defaults(func=_devices_show)
+    revoke = dsub.add_parser(
+        "revoke",
+        help="take a machine out: disconnect it, remove its credential, refuse its JWTs",
+    )
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+    _json_flag(revoke)
+    add_connection_options(revoke)
+    revoke.set_defaults(func=_devices_revoke)
+
+
+def _devices_list(args: argparse.Namespace) -> None:
+    params = {"include_revoked": "true"} if args.all else None
+    items = client_of(args).get("/devices", params=params)
+    if args.json:
+        print_json(items)
+        return
+    rows = [
+        [
+            d["id"],
+            d["name"],
+            "revoked" if d["state"] == "revoked" else ("online" if d["online"] else "offline"),
+            format_tags(d["tags"]),
+            ago(d["last_seen"]),
+            ago(d["enrolled_at"]),
+        ]
+        for d in items
+    ]
+    print_table(["ID", "NAME", "STATE", "TAGS", "LAST SEEN", "ENROLLED"], rows)
+
+
+def _devices_show(args: argparse.Namespace) -> None:
+    item = client_of(args).get(f"/devices/{args.device_id}")
+    if args.json:
+        print_json(item)
+        return
+    for key, value in item.items():
+        shown = format_tags(value) if key == "tags" else ("-" if value is None else value)
+        print(f"{key:18} {shown}")
+
+
+def _devices_revoke(args: argparse.Namespace) -> None:
+    item = client_of(args).post(f"/devices/{args.device_id}/revoke")
+    if args.json:
+        print_json(item)
+    else:
+        print(f"device {item['id']} ({item['name']}) is revoked: disconnected, credential removed")
+
+
+def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="who did what to which machine",
+        description="The audit log: enrollments, revocations, token changes, deployments, "
+        "tunnels. Newest first.",
+    )
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--action", help="only this action, e.g. device.revoke")
+    audit.add_argument("--target", help="only events about this device or token id")
+    _json_flag(audit)
+    add_connection_options(audit)
+    audit.set_defaults(func=_audit)
+
+
+def _audit(args: argparse.Namespace) -> None:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.action:
+        params["action"] = args.action
+    if args.target:
+        params["target"] = args.target
+    items = client_of(args).get("/audit", params=params)
+    if args.json:
+        print_json(items)
+        return
+    rows = [
+        [
+            e["at"][:19].replace("T", " "),
+            e["actor"],
+            e["action"],
+            e["target"] or "-",
+            ", ".join(f"{k}={v}" for k, v in e["detail"].items()) or "-",
+        ]
+        for e in items
+    ]
+    print_table(["AT (UTC)", "ACTOR", "ACTION", "TARGET", "DETAIL"], rows)

@@ -1,0 +1,93 @@
+"""How every command prints: a table for people, one JSON document with --json, errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+
+class CommandError(Exception):
+    """An error to show the user (no traceback); exit code 1 unless given."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail(message: str, exit_code: int = 1) -> NoReturn:
+    raise CommandError(message, exit_code)
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def ago(value: str | None, now: datetime | None = None) -> str:
+    """'3m ago' for an ISO timestamp, '-' for none."""
+    if not value:
+        return "-"
+    then = datetime.fromisoformat(value)
+    seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
+    if seconds < 0:
+        return "in " + _span(-seconds)
+    return _span(seconds) + " ago"
+
+
+def until(value: str | None, now: datetime | None = None) -> str:
+    if not value:
+        return "-"
+    seconds = int((datetime.fromisoformat(value) - (now or datetime.now(UTC))).total_seconds())
+    return "expired" if seconds <= 0 else "in " + _span(seconds)
+
+
+def _span(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def format_tags(tags: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '15m', '1h', '7d' or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        unit = units.get(text[-1:], 0)
+        value = float(text[:-1]) * unit if unit else float(text)
+    except ValueError:
+        raise CommandError(f"not a duration: {text!r} (try 90s, 15m, 1h or 7d)") from None
+    if value <= 0:
+        raise CommandError(f"a duration must be positive, not {text!r}")
+    return int(value)
+
+
+def parse_tags(items: Sequence[str]) -> dict[str, str]:
+    """['site=plant-3', 'line=A,shift=2'] -> {'site': 'plant-3', 'line': 'A', 'shift': '2'}."""
+    tags: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise CommandError(f"a tag is KEY=VALUE, not {part!r}")
+            tags[key.strip()] = value.strip()
+    return tags

@@ -1,0 +1,29 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from gateway.api.errors import BodySizeLimit, install_error_handlers
+from gateway.api.routes_registry import router as registry_router
+from gateway.runtime import GatewayRuntime
+
+
+def create_app(runtime: GatewayRuntime) -> FastAPI:
+    app = FastAPI(
+        title="edgefleet gateway",
+        version="0.1.0",
+        description="Device registry, telemetry, flow rollouts and support tunnels for a fleet "
+        "of machines running Node-RED. Operators authenticate with API tokens, machines with "
+        "short-lived ES256 JWTs signed by their own key.",
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(registry_router)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "gateway_id": runtime.identity.gateway_id}
+
+    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
+    return app

@@ -1,0 +1,124 @@
+"""The registry: devices, provisioning tokens, operator API tokens, used JWT ids, the audit log.
+
+Tables are SQLModel classes; their schema is created and changed only by the Alembic migrations in
+`gateway/migrations` (one set for SQLite and PostgreSQL). Telemetry does not live here: it goes
+through SQLAlchemy Core on its hot path.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import JSON, Column, Field, SQLModel
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone otherwise)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Any:
+    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class Role(StrEnum):
+    """What an operator API token may do; each role includes the ones before it."""
+
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+
+class DeviceState(StrEnum):
+    active = "active"
+    revoked = "revoked"
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=64, index=True)
+    public_key: str
+    key_fingerprint: str = Field(max_length=32, unique=True)
+    tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: DeviceState = Field(
+        default=DeviceState.active, sa_column=Column(sa.String(16), nullable=False)
+    )
+    online: bool = False
+    last_seen: datetime | None = _ts(nullable=True)
+    enrolled_at: datetime = _ts()
+    revoked_at: datetime | None = _ts(nullable=True)
+    agent_version: str | None = Field(default=None, max_length=64)
+    node_red_version: str | None = Field(default=None, max_length=64)
+    hostname: str | None = Field(default=None, max_length=255)
+    provisioning_token_id: str | None = Field(default=None, max_length=32)
+
+
+class ProvisioningToken(SQLModel, table=True):
+    __tablename__ = "provisioning_tokens"
+
+    id: str = Field(primary_key=True, max_length=32)
+    token_hash: str = Field(max_length=64, unique=True)
+    tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    max_uses: int
+    uses: int = 0
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    revoked_at: datetime | None = _ts(nullable=True)
+    created_by: str = Field(max_length=64)
+    note: str = Field(default="", max_length=200)
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "api_tokens"
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=64)
+    token_hash: str = Field(max_length=64, unique=True)
+    role: Role = Field(sa_column=Column(sa.String(16), nullable=False))
+    created_at: datetime = _ts()
+    revoked_at: datetime | None = _ts(nullable=True)
+    created_by: str = Field(max_length=64)
+
+
+class UsedJti(SQLModel, table=True):
+    """JWT ids already seen, kept until the token would have expired anyway (replay guard)."""
+
+    __tablename__ = "used_jtis"
+
+    jti: str = Field(primary_key=True, max_length=128)
+    device_id: str = Field(max_length=64)
+    expires_at: datetime = _ts(index=True)
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _ts(index=True)
+    actor: str = Field(max_length=80)
+    action: str = Field(max_length=64, index=True)
+    target: str = Field(default="", max_length=128, index=True)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -1,0 +1,181 @@
+"""`edgefleet gateway run`: the database, the broker, the MQTT listeners and the HTTP API."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import uvicorn
+from sqlmodel import Session
+
+from gateway import devices
+from gateway.app import create_app
+from gateway.broker.dynsec import DynsecAdmin
+from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
+from gateway.broker_admin import DeviceBrokerInfo
+from gateway.db import make_engine, migrate
+from gateway.identity import GatewayIdentity
+from gateway.runtime import GatewayRuntime
+from gateway.settings import GatewaySettings
+from gateway.status_listener import StatusListener
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start; the message says why and which flag changes it."""
+
+
+@contextlib.contextmanager
+def single_replica_lock(data_dir: Path) -> Iterator[None]:
+    """SQLite mode is one replica: a second `gateway run` on the same data dir is refused."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = open(data_dir / "gateway.lock", "a+")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(
+                f"another gateway is already running on {data_dir}; with SQLite the gateway runs "
+                "as one replica (use --db postgresql://... for several)"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with {flag}"
+            ) from exc
+
+
+class _Jobs:
+    """Housekeeping on a timer: purge used JWT ids, remove stale broker credentials."""
+
+    def __init__(self, runtime: GatewayRuntime, interval: float) -> None:
+        self._runtime = runtime
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gateway-jobs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.run_once()
+
+    def run_once(self) -> None:
+        try:
+            with Session(self._runtime.engine) as session:
+                devices.purge_used_jtis(session)
+                devices.sync_broker_credentials(session, self._runtime.broker)
+        except Exception:
+            log.exception("housekeeping failed; trying again in %.0fs", self._interval)
+
+
+class _Terminated(Exception):
+    """SIGTERM: leave through the ExitStack so the broker and listeners stop cleanly."""
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    # uvicorn re-raises the signal it stopped on once it is done; with this handler that
+    # becomes an exception that unwinds the ExitStack instead of killing the process outright.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _run(settings)
+    except _Terminated:
+        log.info("gateway stopped (SIGTERM)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(settings: GatewaySettings) -> None:
+    with contextlib.ExitStack() as stack:
+        if settings.is_sqlite:
+            stack.enter_context(single_replica_lock(settings.data_dir))
+        check_port_free(settings.http_host, settings.http_port, "--http")
+        engine = make_engine(settings.database_url)
+        stack.callback(engine.dispose)
+        migrate(engine)
+        identity = GatewayIdentity.load_or_create(settings.signing_key_path)
+
+        endpoint, info = _start_broker(settings, stack)
+        broker = DynsecAdmin(endpoint, settings.topic_prefix)
+        broker.connect()
+        stack.callback(broker.close)
+
+        runtime = GatewayRuntime(settings, engine, identity, broker, info)
+        jobs = _Jobs(runtime, settings.status_sync_interval)
+        jobs.run_once()
+        jobs.start()
+        stack.callback(jobs.stop)
+
+        listener = StatusListener(endpoint, engine, runtime.topics)
+        listener.start()
+        stack.callback(listener.stop)
+
+        app = create_app(runtime)
+        config = uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="info",
+            access_log=False,
+        )
+        log.info(
+            "gateway %s: HTTP on %s, database %s",
+            identity.gateway_id,
+            settings.http,
+            "SQLite" if settings.is_sqlite else "PostgreSQL",
+        )
+        uvicorn.Server(config).run()
+
+
+def _start_broker(
+    settings: GatewaySettings, stack: contextlib.ExitStack
+) -> tuple[MqttEndpoint, DeviceBrokerInfo]:
+    if settings.mqtt_url:
+        endpoint = parse_mqtt_url(settings.mqtt_url, settings.mqtt_ca_file)
+        ca_pem = settings.mqtt_ca_file.read_text() if settings.mqtt_ca_file else None
+        host = settings.public_host or endpoint.host
+        return endpoint, DeviceBrokerInfo(host, endpoint.port, endpoint.tls, ca_pem)
+    hostnames = [settings.public_host] if settings.public_host else []
+    supervisor = MosquittoSupervisor(
+        settings.data_dir,
+        settings.mqtt_port,
+        hostnames=hostnames,
+        topic_prefix=settings.topic_prefix,
+    )
+    supervisor.start()
+    stack.callback(supervisor.stop)
+    info = DeviceBrokerInfo(settings.public_host, settings.mqtt_port, True, supervisor.ca.cert_pem)
+    return supervisor.endpoint, info

@@ -1,0 +1,77 @@
+"""Gateway configuration: flags override EDGEFLEET_* environment variables override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from provisioning.wire import DEFAULT_TOPIC_PREFIX
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("edgefleet-data"),
+        description="Holds the SQLite database, the broker's files, the CA and the signing key.",
+    )
+    http: str = Field(default="0.0.0.0:8080", description="HOST:PORT the HTTP API listens on.")
+    db_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite in the data directory."
+    )
+    mqtt_url: str | None = Field(
+        default=None,
+        description="An external broker (mqtts://user:pass@host:port); default: start Mosquitto.",
+    )
+    mqtt_port: int = Field(default=8883, description="Port of the embedded Mosquitto (TLS).")
+    mqtt_ca_file: Path | None = Field(
+        default=None, description="CA of an external broker, given to devices at enrollment."
+    )
+    public_host: str | None = Field(
+        default=None,
+        description="Host name devices use to reach this gateway's broker; default: the host "
+        "they enrolled through.",
+    )
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="The gateway's command-signing key (EC P-256 PEM); default: in the data "
+        "directory. Every replica of a cluster must use the same key.",
+    )
+    max_request_bytes: int = 64 * 1024
+    provisioning_token_max_ttl: int = 30 * 24 * 3600
+    status_sync_interval: float = 30.0
+
+    @field_validator("http")
+    @classmethod
+    def _check_http(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, e.g. 0.0.0.0:8080, not {value!r}")
+        return value
+
+    @property
+    def http_host(self) -> str:
+        return self.http.rpartition(":")[0].strip("[]")
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http.rpartition(":")[2])
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL; a plain postgresql:// URL gets the psycopg 3 driver."""
+        url = self.db_url or f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key_file or self.data_dir / "signing-key.pem"

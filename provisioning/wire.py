@@ -1,0 +1,129 @@
+"""What crosses the wire between agent and gateway: topics, enrollment, status.
+
+This module is the contract. The gateway and the agent import it and nothing of each other.
+Commands are compact JWS strings (see `jwt_rules`); their ``args`` are described where each
+command is handled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
+_DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+DEFAULT_TOPIC_PREFIX = "fleet"
+SHARED_GROUP = "gateway"
+
+TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+TagValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{0,128}$")]
+Tags = dict[TagKey, TagValue]
+DeviceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def is_device_id(value: str) -> bool:
+    return bool(_DEVICE_ID_RE.match(value))
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic tree of one fleet: ``{prefix}/{device}/{telemetry|status|cmd|reply}``."""
+
+    prefix: str = DEFAULT_TOPIC_PREFIX
+
+    def telemetry(self, device_id: str) -> str:
+        return f"{self.prefix}/{device_id}/telemetry"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.prefix}/{device_id}/status"
+
+    def cmd(self, device_id: str) -> str:
+        return f"{self.prefix}/{device_id}/cmd"
+
+    def reply(self, device_id: str) -> str:
+        return f"{self.prefix}/{device_id}/reply"
+
+    def shared(self, leaf: str, group: str = SHARED_GROUP) -> str:
+        """The shared subscription gateway replicas split between them."""
+        return f"$share/{group}/{self.prefix}/+/{leaf}"
+
+    def all_of(self, leaf: str) -> str:
+        return f"{self.prefix}/+/{leaf}"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """(device id, leaf) of a topic in this tree, or None for anything else."""
+        parts = topic.split("/")
+        if len(parts) != 3 or parts[0] != self.prefix or not is_device_id(parts[1]):
+            return None
+        return parts[1], parts[2]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnrollRequest(_Strict):
+    token: Annotated[str, StringConstraints(min_length=8, max_length=200)]
+    public_key: Annotated[str, StringConstraints(min_length=50, max_length=2000)] = Field(
+        description="The device's EC P-256 public key, PEM (SubjectPublicKeyInfo)."
+    )
+    name: DeviceName | None = None
+    agent_version: Annotated[str, StringConstraints(max_length=64)] = ""
+    hostname: Annotated[str, StringConstraints(max_length=255)] = ""
+
+
+class BrokerCredential(_Strict):
+    host: str | None = Field(
+        description="Broker host; null means the host the agent reached the gateway on."
+    )
+    port: int
+    tls: bool = True
+    username: str
+    password: str
+    client_id: str
+    ca_cert: str | None = Field(description="PEM of the CA that signed the broker certificate.")
+
+
+class EnrollResponse(_Strict):
+    device_id: str
+    name: str
+    tags: dict[str, str]
+    gateway_id: str = Field(description="The audience of the device's JWTs.")
+    gateway_public_key: str = Field(description="PEM; every command is signed by this key.")
+    topic_prefix: str
+    broker: BrokerCredential
+
+
+class DeviceStatus(BaseModel):
+    """The retained message on ``{prefix}/{device}/status`` (offline one is the Last Will)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    state: Literal["online", "offline"]
+    agent_version: str | None = None
+    node_red_version: str | None = None
+    ts: float | None = None
+    outbox_queued: int | None = None
+    outbox_dropped: int | None = None
+
+
+class Reply(BaseModel):
+    """What an agent publishes on ``{prefix}/{device}/reply`` about a command it got."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    command_id: str
+    state: str
+    detail: str | None = None
+    data: dict[str, object] = Field(default_factory=dict)
+    ts: float | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every HTTP error the gateway sends."""
+
+    detail: str
+    reason: str | None = None
