@@ -241,10 +241,9 @@ def test_remove_device_disconnects_it_at_once_and_it_cannot_return(
     assert not device.publish("fleet/dev-revoked/status", b"online", retain=True).is_failure
     assert "dev-revoked" in admin.list_devices()
 
-    started = time.monotonic()
     admin.remove_device("dev-revoked")
-    wait_for(lambda: device.disconnects, timeout=2, what="revoked device being kicked")
-    assert time.monotonic() - started < 2
+    # "At once": kicked by the broker, not found out at the next keepalive (30 s) or reconnect.
+    wait_for(lambda: device.disconnects, timeout=3, what="revoked device being kicked")
     assert "dev-revoked" not in admin.list_devices()
     assert _probe(probes, endpoint, "dev-revoked").connect().is_failure
     admin.remove_device("dev-revoked")  # already gone: no error
@@ -325,7 +324,7 @@ def test_admin_calls_while_broker_is_down_raise_broker_error(tmp_path: Path) -> 
             started = time.monotonic()
             with pytest.raises(BrokerError, match="not connected to the broker"):
                 admin.list_devices()
-            assert 0.9 < time.monotonic() - started < 3
+            assert 0.9 < time.monotonic() - started < 5
         finally:
             admin.close()
     with pytest.raises(BrokerError, match="cannot connect"):
@@ -337,7 +336,7 @@ def test_admin_with_wrong_password_fails_fast(broker: MosquittoSupervisor) -> No
     started = time.monotonic()
     with pytest.raises(BrokerError, match="refused the connection"):
         DynsecAdmin(wrong, timeout=5.0).connect()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 3, "a refused login must not wait for the timeout"
 
 
 ORPHAN_SCRIPT = """
