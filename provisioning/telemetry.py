@@ -176,6 +176,37 @@ def make_sample(
     return Sample(name, when, number)
 
 
+def check_samples(
+    samples: Iterable[tuple[object, object, object]], *, now: float, max_future_skew: float
+) -> list[Sample]:
+    """`make_sample` for many ``(metric, ts, value)`` tuples at once, with a fast path.
+
+    Plain finite floats skip the slow checks and each distinct metric name is matched once,
+    which makes this several times faster than calling `make_sample` per sample.
+    """
+    latest = now + max_future_skew
+    known: set[str] = set()
+    out: list[Sample] = []
+    append = out.append
+    for metric, raw_ts, raw_value in samples:
+        if isinstance(metric, str) and metric in known:
+            name = metric
+        else:
+            name = check_metric_name(metric)
+            known.add(name)
+        if type(raw_value) is float and raw_value - raw_value == 0.0:  # a finite float
+            value = raw_value
+        else:
+            value = _number(raw_value, f"value of {name!r}", NON_NUMERIC)
+        if type(raw_ts) is float and 0.0 < raw_ts <= latest:
+            ts = raw_ts
+        else:
+            ts = _number(raw_ts, f"timestamp of {name!r}", SCHEMA)
+            _check_ts(ts, name, now, max_future_skew)
+        append(Sample(name, ts, value))
+    return out
+
+
 def _check_ts(when: float, metric: str, now: float, max_future_skew: float) -> None:
     if when <= 0:
         raise BatchRejected(SCHEMA, f"timestamp {when} of {metric!r} must be unix seconds > 0")
