@@ -60,7 +60,7 @@ class Device(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=64)
     name: str = Field(max_length=64, index=True)
-    public_key: str
+    public_key: str = Field(sa_column=Column(sa.Text(), nullable=False))
     key_fingerprint: str = Field(max_length=32, unique=True)
     tags: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     state: DeviceState = Field(

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real supervised Mosquitto, real databases (SQLite and PostgreSQL), the app.
+
+PostgreSQL: each test gets its own database, cloned from a migrated template made once per
+session (CREATE DATABASE ... TEMPLATE is fast), and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from gateway.app import create_app
+from gateway.broker.dynsec import DynsecAdmin
+from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.broker_admin import DeviceBrokerInfo
+from gateway.db import make_engine, migrate
+from gateway.identity import GatewayIdentity
+from gateway.models import Role
+from gateway.runtime import GatewayRuntime
+from gateway.settings import GatewaySettings
+from gateway.tokens import create_api_token
+from tests.support.mosquitto import running_broker
+
+PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_url(database: str) -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{database}"
+
+
+def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(PG_ADMIN_URL, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database to clone; its name."""
+    name = f"edgefleet_tpl_{uuid.uuid4().hex[:8]}"
+    try:
+        with _pg_admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is needed (set EDGEFLEET_TEST_PG): {exc}")
+    engine = make_engine(GatewaySettings(db_url=_pg_url(name)).database_url)
+    migrate(engine)
+    engine.dispose()
+    yield name
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_database(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test; its plain postgresql:// URL."""
+    name = f"edgefleet_t_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield _pg_url(name)
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The registry tests run once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    url: str = request.getfixturevalue("pg_database")
+    return url
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[MosquittoSupervisor]:
+    with running_broker() as supervisor:
+        yield supervisor
+
+
+@pytest.fixture(scope="session")
+def dynsec(broker: MosquittoSupervisor) -> Iterator[DynsecAdmin]:
+    with DynsecAdmin(broker.endpoint) as admin:
+        yield admin
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> GatewaySettings:
+    return GatewaySettings(data_dir=tmp_path / "gateway", db_url=db_url)
+
+
+@pytest.fixture
+def runtime(
+    settings: GatewaySettings, broker: MosquittoSupervisor, dynsec: DynsecAdmin
+) -> Iterator[GatewayRuntime]:
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    identity = GatewayIdentity.load_or_create(settings.signing_key_path)
+    info = DeviceBrokerInfo("127.0.0.1", broker.port, True, broker.ca.cert_pem)
+    yield GatewayRuntime(settings, engine, identity, dynsec, info)
+    engine.dispose()
+
+
+@pytest.fixture
+def client(runtime: GatewayRuntime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime)) as test_client:
+        yield test_client
+
+
+def api_token(runtime: GatewayRuntime, role: Role) -> str:
+    with Session(runtime.engine) as session:
+        issued, _ = create_api_token(session, name=f"test-{role.value}", role=role, actor="test")
+    return issued.token
+
+
+@pytest.fixture
+def admin_headers(runtime: GatewayRuntime) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_token(runtime, Role.admin)}"}
