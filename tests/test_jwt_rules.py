@@ -77,7 +77,7 @@ def test_unsigned_and_hmac_commands_are_refused(gateway_key: ec.EllipticCurvePri
         "jti": "x" * 16,
         "cmd": "ping",
     }
-    unsigned = jwt.encode(claims, None, algorithm="none")
+    unsigned = jwt.encode(claims, "", algorithm="none")
     with pytest.raises(TokenRejected) as caught:
         _verify(unsigned, gateway_key)
     assert caught.value.reason == "algorithm_not_allowed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -328,7 +329,7 @@ def test_device_jwt_rejections(
     if case == "alg_none":
         header = jwt.utils.base64url_encode(b'{"alg":"none","typ":"JWT"}').decode()
         payload = jwt.utils.base64url_encode(
-            jwt.api_jwt.PyJWT()._encode_payload(_claims(device_id, aud))  # type: ignore[attr-defined]
+            jwt.api_jwt.PyJWT()._encode_payload(_claims(device_id, aud))
         ).decode()
         token = f"{header}.{payload}."
     elif case == "hmac_with_public_key":
@@ -453,7 +454,7 @@ def test_roles_limit_what_a_token_may_do(
 ) -> None:
     device_id, _ = enrolled
     headers = {"Authorization": f"Bearer {api_token(runtime, role)}"}
-    calls = {
+    calls: dict[str, Callable[[], Any]] = {
         "list_devices": lambda: client.get("/api/v1/devices", headers=headers),
         "create_token": lambda: client.post(
             "/api/v1/provisioning-tokens", json={}, headers=headers
