@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
+from edge_agent.host_metrics import CPU, DISK, MEMORY, HostSampler
 from edge_agent.intake import DEFAULT_INTAKE_PORT, IntakeError, IntakeServer
 from edge_agent.outbox import Outbox
 from provisioning.telemetry import Sample
-from tests.support.waiting import free_port, port_open
+from tests.support.waiting import free_port, port_open, wait_for
 
 
 @pytest.fixture
@@ -230,3 +232,29 @@ def _non_loopback_address() -> str | None:
         except OSError:
             return None
     return None if address.startswith("127.") else address
+
+
+def test_host_sampler_records_cpu_memory_and_disk(outbox: Outbox, tmp_path: Path) -> None:
+    sampler = HostSampler(outbox, interval=0.05, disk_path=tmp_path)
+    sampler.start()
+    try:
+        wait_for(lambda: len(outbox) >= 6, timeout=10, what="two rounds of host metrics")
+    finally:
+        sampler.stop()
+    samples = stored(outbox)
+    assert {s.metric for s in samples} == {CPU, MEMORY, DISK}
+    assert all(0.0 <= s.value <= 100.0 for s in samples)
+    disk = [s.value for s in samples if s.metric == DISK]
+    assert abs(disk[-1] - psutil.disk_usage(str(tmp_path)).percent) < 5
+    memory = [s.value for s in samples if s.metric == MEMORY]
+    assert abs(memory[-1] - psutil.virtual_memory().percent) < 20
+
+
+def test_host_sampler_without_its_disk_still_reports_cpu_and_memory(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    sampler = HostSampler(outbox, interval=1, disk_path=tmp_path / "not-mounted")
+    assert set(sampler.record()) == {CPU, MEMORY}
+    assert {s.metric for s in stored(outbox)} == {CPU, MEMORY}
+    with pytest.raises(ValueError, match="interval"):
+        HostSampler(outbox, interval=0)
