@@ -30,6 +30,7 @@ GATEWAY_ENV = {
     "EDGEFLEET_DB_URL",
     "EDGEFLEET_MQTT_URL",
     "EDGEFLEET_MQTT_PORT",
+    "EDGEFLEET_MQTT_CA_FILE",
     "EDGEFLEET_PUBLIC_HOST",
     "EDGEFLEET_TOPIC_PREFIX",
 }
@@ -256,50 +257,92 @@ def test_gateway_settings_use_the_documented_names(layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_proxy_terminates_tls_for_https_and_mqtt(layout: str) -> None:
+def test_proxy_terminates_tls_for_https(layout: str) -> None:
     proxy = services(layout)["proxy"]
-    ports = published_ports(proxy)
-    assert ports.get(443) == "" and ports.get(8883) == "", f"{layout}: proxy publishes {ports}"
-    conf = nginx_conf(layout)
+    assert published_ports(proxy).get(443) == "", f"{layout}: proxy does not publish 443"
     proxy_mounts = mounts(proxy)
     assert (COMPOSE / layout / proxy_mounts["/etc/nginx/nginx.conf"]).resolve() == (
         COMPOSE / layout / "nginx" / "nginx.conf"
     )
     assert proxy_mounts["/etc/nginx/certs"] == "./certs"
-    servers = nginx_servers(conf)
-    https = [s for s in servers if re.search(r"listen 443 ssl", s)]
-    mqtts = [s for s in servers if re.search(r"listen 8883 ssl", s)]
-    assert len(https) == 1 and len(mqtts) == 1
-    for block in https + mqtts:
-        assert "ssl_certificate /etc/nginx/certs/" in block
-        assert "TLSv1.2 TLSv1.3" in block
+    https = [s for s in nginx_servers(nginx_conf(layout)) if "listen 443 ssl" in s]
+    assert len(https) == 1
+    assert "ssl_certificate /etc/nginx/certs/fullchain.pem;" in https[0]
+    assert "TLSv1.2 TLSv1.3" in https[0]
+    assert "proxy_pass http://" in https[0]
     # The broker hooks are never served to the internet.
     assert re.search(r"location /api/v1/broker/ \{\s*return 404;", https[0])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_nothing_but_the_proxy_and_tunnels_is_published_to_the_world(layout: str) -> None:
+def test_only_the_proxy_mqtt_and_tunnels_are_published_to_the_world(layout: str) -> None:
     for name, svc in services(layout).items():
+        allowed = {80, 443, 8883} if name == "proxy" else set()
+        if name in gateways(layout):
+            allowed = {51820} | {int(p) for p in [env_of(svc).get("EDGEFLEET_MQTT_PORT")] if p}
         for port, host_ip in published_ports(svc).items():
-            if name == "proxy" or (port == 51820 and name in gateways(layout)):
-                continue
-            assert host_ip == "127.0.0.1", f"{layout}/{name} publishes {port} to every address"
+            assert port in allowed or host_ip == "127.0.0.1", (
+                f"{layout}/{name} publishes {port} to every address"
+            )
+
+
+def depends(layout: str, name: str) -> set[str]:
+    """Every service that `name` waits for, directly or not."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for dep in services(layout)[todo.pop()].get("depends_on", {}):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_start_order_has_no_cycle_through_a_gateway(layout: str) -> None:
+    """What a gateway needs before it can answer /healthz never waits for a gateway."""
+    for name, svc in gateways(layout).items():
+        assert name not in depends(layout, name), f"{layout}: {name} waits for itself"
+        needs = {"postgres"}
+        mqtt_url = env_of(svc).get("EDGEFLEET_MQTT_URL")
+        if mqtt_url:
+            needs.add(service_behind(layout, mqtt_host(mqtt_url)))
+        for dep in needs:
+            assert dep in depends(layout, name), f"{layout}: {name} does not wait for {dep}"
+            assert not depends(layout, dep) & set(gateways(layout)), (
+                f"{layout}: {dep}, which {name} needs to start, waits for a gateway"
+            )
+
+
+def mqtt_host(url: str) -> str:
+    match = re.fullmatch(r"mqtts?://[^@]+@(?P<host>[^:/]+):\d+", url)
+    assert match, f"cannot read the MQTT URL {url!r}"
+    return match["host"]
+
+
+def service_behind(layout: str, host: str) -> str:
+    """The service that a host name reaches inside the compose network."""
+    for name, svc in services(layout).items():
+        aliases = (svc.get("networks") or {}).get("default", {}).get("aliases", [])
+        if host == name or host in aliases or host == svc.get("hostname"):
+            return name
+    raise AssertionError(f"{host!r} names no service of {layout}")
 
 
 # --- single node ------------------------------------------------------------------------------
 
 
-def test_single_node_runs_the_embedded_broker_behind_tls() -> None:
+def test_single_node_publishes_the_embedded_brokers_tls_port() -> None:
+    """The gateway's Mosquitto serves TLS with the CA machines pin: nothing may terminate it."""
     (gateway,) = gateways("single-node").values()
     env = env_of(gateway)
     assert "EDGEFLEET_MQTT_URL" not in env
-    mqtt_port = env["EDGEFLEET_MQTT_PORT"]
-    assert int(mqtt_port) not in published_ports(gateway), "plain MQTT must not be published"
-    stream = nginx_block(nginx_conf("single-node"), "stream {")
-    assert f"proxy_pass gateway:{mqtt_port};" in stream
-    http = nginx_block(nginx_conf("single-node"), "http {")
+    mqtt_port = int(env["EDGEFLEET_MQTT_PORT"])
+    assert published_ports(gateway).get(mqtt_port) == ""
+    conf = nginx_conf("single-node")
+    assert "stream {" not in conf
     http_port = env["EDGEFLEET_HTTP"].rsplit(":", 1)[1]
-    assert f"server gateway:{http_port};" in http
+    assert f"server gateway:{http_port};" in nginx_block(conf, "upstream gateway_http {")
 
 
 # --- cluster -----------------------------------------------------------------------------------
@@ -321,13 +364,13 @@ def test_cluster_emqx_nodes_name_each_other_as_seeds() -> None:
         host = node_name.split("@", 1)[1]
         # Erlang long names: the host part must resolve to this container.
         assert "." in host and svc["hostname"] == host
-        assert host in svc["networks"]["default"]["aliases"]
+        assert service_behind("cluster", host) == service
         assert env["EMQX_CLUSTER__DISCOVERY_STRATEGY"] == "static"
         names[service] = node_name
     for service, svc in nodes.items():
         seeds = env_of(svc)["EMQX_CLUSTER__STATIC__SEEDS"].strip("[]").split(",")
         assert {s.strip() for s in seeds} == set(names.values()), f"{service} seeds {seeds}"
-        assert "${EMQX_COOKIE" in str(svc["environment"]["EMQX_NODE__COOKIE"])
+        assert "${EMQX_COOKIE:?" in env_of(svc)["EMQX_NODE__COOKIE"]
 
 
 def test_cluster_emqx_asks_the_gateway_through_http_hooks() -> None:
@@ -342,10 +385,12 @@ def test_cluster_emqx_asks_the_gateway_through_http_hooks() -> None:
     assert authn and authz
     assert authn.groups() == authz.groups() == ("proxy", "8080")
     assert re.search(r"no_match\s*=\s*deny", conf)
+    # The replicas' service account comes first: they connect before any hook can answer.
+    assert conf.index("backend = built_in_database") < conf.index("backend = http")
     # nginx serves the hooks on an internal listener that is not published, balanced over
     # the gateway replicas.
     assert 8080 not in published_ports(services("cluster")["proxy"])
-    internal = [s for s in nginx_servers(nginx_conf("cluster")) if re.search(r"listen 8080;", s)]
+    internal = [s for s in nginx_servers(nginx_conf("cluster")) if "listen 8080;" in s]
     assert len(internal) == 1
     assert re.search(r"location /api/v1/broker/ \{\s*proxy_pass http://gateways;", internal[0])
 
@@ -355,30 +400,34 @@ def test_cluster_proxy_balances_over_every_replica_and_node() -> None:
     replicas = gateways("cluster")
     assert len(replicas) == 3
     upstream = nginx_block(conf, "upstream gateways {")
-    listed = set(re.findall(r"server ([\w.-]+):8080", upstream))
-    assert listed == set(replicas), listed
+    assert set(re.findall(r"server ([\w.-]+):8080", upstream)) == set(replicas)
     for svc in replicas.values():
         assert env_of(svc)["EDGEFLEET_HTTP"].endswith(":8080")
     brokers = nginx_block(conf, "upstream emqx {")
     hosts = set(re.findall(r"server ([\w.-]+):1883", brokers))
     assert hosts == {s["hostname"] for s in emqx_nodes().values()}
+    mqtts = [s for s in nginx_servers(conf) if "listen 8883 ssl" in s]
+    assert len(mqtts) == 1 and "proxy_pass emqx;" in mqtts[0]
+    assert "ssl_certificate /etc/nginx/certs/fullchain.pem;" in mqtts[0]
+    assert published_ports(services("cluster")["proxy"]).get(8883) == ""
 
 
-def test_cluster_replicas_share_one_data_dir_and_use_emqx() -> None:
+def test_cluster_replicas_share_one_data_dir_and_reach_emqx_like_machines() -> None:
     replicas = gateways("cluster")
     volumes = {tuple(svc["volumes"]) for svc in replicas.values()}
     assert len(volumes) == 1, "replicas must share the CA and signing key"
     for name, svc in replicas.items():
         env = env_of(svc)
         assert "EDGEFLEET_MQTT_PORT" not in env, f"{name} would start an embedded broker"
-        assert re.fullmatch(
-            r"mqtts?://[\w-]+:\$\{\w+:\?[^}]*\}@proxy:1883", env["EDGEFLEET_MQTT_URL"]
-        )
-        assert "${POSTGRES_PASSWORD" in env["EDGEFLEET_DB_URL"]
-    # The gateways' plain MQTT listener on the proxy is internal only.
-    assert 1883 not in published_ports(services("cluster")["proxy"])
-    internal = [s for s in nginx_servers(nginx_conf("cluster")) if re.search(r"listen 1883;", s)]
-    assert len(internal) == 1 and "proxy_pass emqx;" in internal[0]
+        # Machines are told the host, port and TLS the gateway itself uses: the public name,
+        # which inside the network is nginx's TLS listener.
+        url = env["EDGEFLEET_MQTT_URL"]
+        assert url.startswith("mqtts://") and url.endswith(":8883")
+        assert mqtt_host(url) == "${EDGEFLEET_PUBLIC_HOST}"
+        assert service_behind("cluster", mqtt_host(url)) == "proxy"
+        ca_file = Path(env["EDGEFLEET_MQTT_CA_FILE"])
+        assert mounts(svc)[str(ca_file.parent)] == "./certs"
+        assert "${POSTGRES_PASSWORD:?" in env["EDGEFLEET_DB_URL"]
     # Only the first replica creates the data dir: the others wait for it to be healthy.
     for name in ("gateway-2", "gateway-3"):
         assert replicas[name]["depends_on"]["gateway-1"]["condition"] == "service_healthy"
