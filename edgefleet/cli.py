@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgefleet ... | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
 from edgefleet.client import GatewayClient
 from edgefleet.output import (
+    CommandError,
     ago,
     format_tags,
     parse_duration,
@@ -147,6 +149,18 @@ def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _json_flag(show)
     add_connection_options(show)
     show.set_defaults(func=_devices_show)
+    ping = dsub.add_parser(
+        "ping",
+        help="send a signed ping and wait for the machine to answer",
+        description="Checks the whole command path: the gateway signs a command, the broker "
+        "delivers it, the agent verifies it and answers. A machine that is offline gets the "
+        "ping when it comes back (within 5 minutes).",
+    )
+    ping.add_argument("device_id", metavar="DEVICE_ID")
+    ping.add_argument("--timeout", default="10s", help="how long to wait (default 10s)")
+    _json_flag(ping)
+    add_connection_options(ping)
+    ping.set_defaults(func=_devices_ping)
     revoke = dsub.add_parser(
         "revoke",
         help="take a machine out: disconnect it, remove its credential, refuse its JWTs",
@@ -185,6 +199,30 @@ def _devices_show(args: argparse.Namespace) -> None:
     for key, value in item.items():
         shown = format_tags(value) if key == "tags" else ("-" if value is None else value)
         print(f"{key:18} {shown}")
+
+
+def _devices_ping(args: argparse.Namespace) -> None:
+    client = client_of(args)
+    timeout = parse_duration(args.timeout)
+    started = time.monotonic()
+    command = client.post(f"/devices/{args.device_id}/ping")
+    while command["state"] not in ("succeeded", "failed", "refused"):
+        if time.monotonic() - started > timeout:
+            if args.json:
+                print_json(command)
+            raise CommandError(
+                f"no answer from {args.device_id} within {args.timeout} (state: "
+                f"{command['state']}); it gets the ping when it is back online"
+            )
+        time.sleep(0.1)
+        command = client.get(f"/commands/{command['id']}")
+    elapsed = time.monotonic() - started
+    if args.json:
+        print_json(command | {"round_trip_seconds": round(elapsed, 3)})
+    elif command["state"] == "succeeded":
+        print(f"{args.device_id} answered in {elapsed * 1000:.0f} ms")
+    else:
+        raise CommandError(f"{args.device_id} answered {command['state']}: {command['detail']}")
 
 
 def _devices_revoke(args: argparse.Namespace) -> None:

@@ -122,3 +122,22 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     target: str = Field(default="", max_length=128, index=True)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class CommandRecord(SQLModel, table=True):
+    """A signed command sent to one machine, and the latest thing it said about it."""
+
+    __tablename__ = "commands"
+
+    id: str = Field(primary_key=True, max_length=64)
+    device_id: str = Field(max_length=64, index=True)
+    kind: str = Field(max_length=32)
+    args: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: str = Field(max_length=24)
+    detail: str | None = Field(default=None, sa_column=Column(sa.Text(), nullable=True))
+    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    actor: str = Field(max_length=80)
+    ref: str | None = Field(default=None, max_length=80, index=True)

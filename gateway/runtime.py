@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
 
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
+from gateway.commands import CommandPublisher, ReplyHooks
+from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
 from gateway.settings import GatewaySettings
 from provisioning.wire import Topics
@@ -19,7 +21,14 @@ class GatewayRuntime:
     identity: GatewayIdentity
     broker: BrokerAdmin
     broker_info: DeviceBrokerInfo
+    publisher: CommandPublisher | None = None
+    hooks: ReplyHooks = field(default_factory=ReplyHooks)
 
     @property
     def topics(self) -> Topics:
         return Topics(self.settings.topic_prefix)
+
+    def command_publisher(self) -> CommandPublisher:
+        if self.publisher is None:
+            raise Unavailable("no_publisher", "this gateway does not send commands")
+        return self.publisher

@@ -23,11 +23,13 @@ from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker_admin import DeviceBrokerInfo
+from gateway.commands import CommandPublisher, ReplyListener
 from gateway.db import make_engine, migrate
 from gateway.identity import GatewayIdentity
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.status_listener import StatusListener
+from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,10 @@ def _run(settings: GatewaySettings) -> None:
         broker.connect()
         stack.callback(broker.close)
 
-        runtime = GatewayRuntime(settings, engine, identity, broker, info)
+        publisher = CommandPublisher(endpoint, Topics(settings.topic_prefix))
+        publisher.start()
+        stack.callback(publisher.stop)
+        runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher)
         jobs = _Jobs(runtime, settings.status_sync_interval)
         jobs.run_once()
         jobs.start()
@@ -142,6 +147,9 @@ def _run(settings: GatewaySettings) -> None:
         listener = StatusListener(endpoint, engine, runtime.topics)
         listener.start()
         stack.callback(listener.stop)
+        replies = ReplyListener(endpoint, engine, runtime.topics, runtime.hooks)
+        replies.start()
+        stack.callback(replies.stop)
 
         app = create_app(runtime)
         config = uvicorn.Config(

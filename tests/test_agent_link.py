@@ -21,14 +21,16 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from edge_agent.state import AgentState
+from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.commands import CommandPublisher, ReplyListener
 from gateway.models import Device
 from gateway.runtime import GatewayRuntime
 from gateway.status_listener import StatusListener
 from provisioning import keys
 from provisioning.jwt_rules import sign_command
-from provisioning.wire import EnrollResponse
-from tests.support.mosquitto import MqttProbe
+from provisioning.wire import EnrollResponse, Reply
+from tests.support.mosquitto import MqttProbe, enroll_device
 from tests.support.waiting import wait_for
 
 
@@ -241,3 +243,71 @@ def test_agent_runs_signed_commands_once_and_refuses_the_rest(
     assert reasons == ["bad_signature", "expired", "malformed", "wrong_audience"]
     succeeded = [r for r in _replies(gateway_mqtt, device_id) if r["state"] == "succeeded"]
     assert {r["command_id"] for r in succeeded} == {cid}
+
+
+@pytest.fixture
+def replies(runtime: GatewayRuntime, broker: MosquittoSupervisor) -> Iterator[ReplyListener]:
+    """The gateway's real command publisher (on the runtime) and reply listener, running."""
+    publisher = CommandPublisher(broker.endpoint, runtime.topics)
+    publisher.start()
+    listener = ReplyListener(broker.endpoint, runtime.engine, runtime.topics, runtime.hooks)
+    listener.start()
+    runtime.publisher = publisher
+    yield listener
+    listener.stop()
+    publisher.stop()
+
+
+def test_ping_through_the_api_is_answered_and_recorded(
+    agent: RunningAgent,
+    replies: ReplyListener,
+    client: TestClient,
+    admin_headers: dict[str, str],
+) -> None:
+    wait_for(lambda: "connected to the broker" in agent.log(), timeout=10, what="agent connect")
+    sent = client.post(f"/api/v1/devices/{agent.device_id}/ping", headers=admin_headers)
+    assert sent.status_code == 202, sent.text
+    command_id = sent.json()["id"]
+    answered = wait_for(
+        lambda: (
+            c
+            if (c := client.get(f"/api/v1/commands/{command_id}", headers=admin_headers).json())[
+                "state"
+            ]
+            == "succeeded"
+            else None
+        ),
+        timeout=10,
+        what="the ping recorded as succeeded",
+    )
+    assert answered["detail"] == "pong"
+    assert answered["device_id"] == agent.device_id
+
+
+def test_a_device_cannot_answer_for_another_devices_command(
+    agent: RunningAgent,
+    replies: ReplyListener,
+    client: TestClient,
+    admin_headers: dict[str, str],
+    broker: MosquittoSupervisor,
+) -> None:
+    """Device B replies 'succeeded' about A's command on its own reply topic (the only one the
+    broker lets it use): the gateway ignores it, because identity comes from the topic."""
+    agent.stop()  # A is offline, so only B's forged reply could complete the command
+    sent = client.post(f"/api/v1/devices/{agent.device_id}/ping", headers=admin_headers).json()
+    intruder = enroll_device(broker, "dev-intruder01")
+    probe = MqttProbe(intruder, "dev-intruder01")
+    before = replies.processed
+    try:
+        assert not probe.connect().is_failure
+        forged = Reply(command_id=sent["id"], state="succeeded", detail="pong")
+        refused = probe.publish(f"fleet/{agent.device_id}/reply", forged.model_dump_json())
+        assert refused.is_failure  # the broker does not let B use A's topic at all
+        assert not probe.publish("fleet/dev-intruder01/reply", forged.model_dump_json()).is_failure
+    finally:
+        probe.close()
+        with DynsecAdmin(broker.endpoint) as admin:
+            admin.remove_device("dev-intruder01")
+    wait_for(lambda: replies.processed > before, timeout=10, what="the forged reply handled")
+    shown = client.get(f"/api/v1/commands/{sent['id']}", headers=admin_headers).json()
+    assert shown["state"] == "sent"

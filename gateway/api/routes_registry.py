@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from gateway import audit, devices, tokens
+from gateway import audit, commands, devices, tokens
 from gateway.api.deps import Admin, DeviceDep, OperatorDep, RuntimeDep, SessionDep, Viewer
 from gateway.api.schemas import (
     ApiTokenCreate,
     ApiTokenCreated,
     ApiTokenOut,
     AuditOut,
+    CommandOut,
     DeviceOut,
     DeviceSelf,
     ProvisioningTokenCreate,
@@ -20,6 +21,8 @@ from gateway.api.schemas import (
     ProvisioningTokenOut,
 )
 from gateway.devices import EnrollContext
+from gateway.errors import Conflict, NotFound
+from gateway.models import CommandRecord
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
@@ -112,6 +115,40 @@ def revoke_device(
 ) -> DeviceOut:
     device = devices.revoke(session, device_id, who.actor, runtime.broker)
     return DeviceOut.of(device)
+
+
+@router.post(
+    "/devices/{device_id}/ping",
+    response_model=CommandOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    tags=["devices"],
+    summary="Send a signed ping; follow it with GET /commands/{id}",
+)
+def ping_device(
+    device_id: str, session: SessionDep, runtime: RuntimeDep, who: OperatorDep
+) -> CommandOut:
+    device = devices.get_device(session, device_id)
+    if device.state != "active":
+        raise Conflict("device_revoked", f"device {device_id} is revoked")
+    record = commands.issue(
+        session,
+        identity=runtime.identity,
+        publisher=runtime.command_publisher(),
+        device_id=device.id,
+        kind="ping",
+        args={},
+        lifetime=300,
+        actor=who.actor,
+    )
+    return CommandOut.model_validate(record, from_attributes=True)
+
+
+@router.get("/commands/{command_id}", response_model=CommandOut, tags=["devices"])
+def show_command(command_id: str, session: SessionDep, _: Viewer) -> CommandOut:
+    record = session.get(CommandRecord, command_id)
+    if record is None:
+        raise NotFound("unknown_command", f"no command {command_id!r}")
+    return CommandOut.model_validate(record, from_attributes=True)
 
 
 @router.post(

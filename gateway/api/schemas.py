@@ -112,3 +112,18 @@ class DeviceSelf(BaseModel):
     name: str
     tags: dict[str, str]
     state: str
+
+
+class CommandOut(BaseModel):
+    id: str
+    device_id: str
+    kind: str
+    args: dict[str, Any]
+    state: str
+    detail: str | None
+    result: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    actor: str
+    ref: str | None

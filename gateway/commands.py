@@ -1,0 +1,246 @@
+"""Commands to machines: signed, recorded, published, and followed through their replies.
+
+Every command is a row in ``commands`` before it is published, and every reply updates that row,
+whichever replica receives it (replies arrive on a shared subscription). Nothing about a command
+lives only in one process's memory, so a replica that dies strands nothing.
+
+Features hook in by command kind: `ReplyHooks.register("deploy", fn)` runs `fn(session, command,
+reply)` in the same transaction that stores the reply, e.g. to move a deployment's device state.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from gateway.broker.mqtt_url import MqttEndpoint
+from gateway.db import utcnow
+from gateway.errors import Unavailable
+from gateway.identity import GatewayIdentity
+from gateway.models import CommandRecord
+from provisioning.jwt_rules import sign_command
+from provisioning.wire import Reply, Topics
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = frozenset(
+    {"succeeded", "failed", "rolled_back", "refused", "drift", "expired", "cancelled"}
+)
+ReplyHook = Callable[[Session, CommandRecord, Reply], None]
+
+
+class ReplyHooks:
+    def __init__(self) -> None:
+        self._hooks: dict[str, list[ReplyHook]] = {}
+
+    def register(self, kind: str, hook: ReplyHook) -> None:
+        self._hooks.setdefault(kind, []).append(hook)
+
+    def for_kind(self, kind: str) -> list[ReplyHook]:
+        return self._hooks.get(kind, [])
+
+
+class CommandPublisher:
+    """The gateway's connection for sending commands (QoS 1, waits for the broker's PUBACK)."""
+
+    def __init__(self, endpoint: MqttEndpoint, topics: Topics, timeout: float = 5.0) -> None:
+        self._topics = topics
+        self._timeout = timeout
+        self._endpoint = endpoint
+        self._connected = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-cmd-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv5,
+        )
+        endpoint.configure(self._client)
+        self._client.suppress_exceptions = True
+        self._client.reconnect_delay_set(1, 5)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+
+    def start(self) -> None:
+        self._client.connect_async(self._endpoint.host, self._endpoint.port)
+        self._client.loop_start()
+        self._connected.wait(self._timeout)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("command publisher refused by the broker: %s", reason_code)
+        else:
+            self._connected.set()
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._connected.clear()
+
+    def publish(self, device_id: str, token: str) -> None:
+        if not self._connected.wait(self._timeout):
+            raise Unavailable("broker_unavailable", "not connected to the broker; try again")
+        info = self._client.publish(self._topics.cmd(device_id), token, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise Unavailable("broker_unavailable", f"publish failed: {mqtt.error_string(info.rc)}")
+        info.wait_for_publish(self._timeout)
+        if not info.is_published():
+            raise Unavailable("broker_unavailable", "the broker did not acknowledge the command")
+
+
+def issue(
+    session: Session,
+    *,
+    identity: GatewayIdentity,
+    publisher: CommandPublisher,
+    device_id: str,
+    kind: str,
+    args: Mapping[str, Any],
+    lifetime: int,
+    actor: str,
+    ref: str | None = None,
+) -> CommandRecord:
+    """Sign, record and publish one command. The row is committed before the publish, so a reply
+    can never arrive for a command the database does not know."""
+    command_id, token = sign_command(
+        identity.private_key,
+        gateway_id=identity.gateway_id,
+        device_id=device_id,
+        kind=kind,
+        args=args,
+        lifetime=lifetime,
+    )
+    now = utcnow()
+    record = CommandRecord(
+        id=command_id,
+        device_id=device_id,
+        kind=kind,
+        args=dict(args),
+        state="queued",
+        created_at=now,
+        updated_at=now,
+        expires_at=now + timedelta(seconds=lifetime),
+        actor=actor,
+        ref=ref,
+    )
+    session.add(record)
+    session.commit()
+    publisher.publish(device_id, token)
+    if record.state == "queued":
+        record.state = "sent"
+        record.updated_at = utcnow()
+        session.add(record)
+        session.commit()
+    return record
+
+
+def apply_reply(
+    session: Session, device_id: str, reply: Reply, hooks: ReplyHooks
+) -> CommandRecord | None:
+    """Store one reply. The device is the one the topic names (the broker vouched for it); a reply
+    about another device's command is ignored."""
+    record = session.get(CommandRecord, reply.command_id)
+    if record is None or record.device_id != device_id:
+        log.warning("reply from %s about unknown command %s ignored", device_id, reply.command_id)
+        return None
+    if record.state in FINAL_STATES and reply.state not in FINAL_STATES:
+        return record  # a late progress message after the result: keep the result
+    record.state = reply.state
+    record.detail = reply.detail
+    if reply.data:
+        record.result = dict(reply.data)
+    record.updated_at = utcnow()
+    session.add(record)
+    for hook in hooks.for_kind(record.kind):
+        hook(session, record, reply)
+    session.commit()
+    return record
+
+
+def pending_for(session: Session, ref: str) -> list[CommandRecord]:
+    query = select(CommandRecord).where(CommandRecord.ref == ref)
+    return list(session.exec(query.order_by(col(CommandRecord.created_at))))
+
+
+class ReplyListener:
+    """Reads ``$share/gateway/{prefix}/+/reply`` and stores each reply off the network thread."""
+
+    def __init__(
+        self, endpoint: MqttEndpoint, engine: Engine, topics: Topics, hooks: ReplyHooks
+    ) -> None:
+        self._engine = engine
+        self._topics = topics
+        self._hooks = hooks
+        self._endpoint = endpoint
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-reply-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv5,
+        )
+        endpoint.configure(self._client)
+        self._client.suppress_exceptions = True
+        self._client.reconnect_delay_set(1, 10)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._worker = threading.Thread(target=self._work, name="reply-writer", daemon=True)
+        self._connected = threading.Event()
+        self.processed = 0  # replies handled (stored or refused), for metrics and tests
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._worker.start()
+        self._client.connect_async(self._endpoint.host, self._endpoint.port)
+        self._client.loop_start()
+        self._connected.wait(timeout)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("reply listener refused by the broker: %s", reason_code)
+            return
+        client.subscribe(self._topics.shared("reply"), qos=1)
+        self._connected.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put((msg.topic, bytes(msg.payload)))
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            topic, payload = item
+            parsed = self._topics.parse(topic)
+            try:
+                if parsed is None:
+                    continue
+                reply = Reply.model_validate_json(payload)
+            except ValidationError as exc:
+                log.warning("malformed reply from %s: %s", topic, exc.errors()[:1])
+                self.processed += 1
+                continue
+            try:
+                with Session(self._engine, expire_on_commit=False) as session:
+                    apply_reply(session, parsed[0], reply, self._hooks)
+            except Exception:
+                log.exception("could not store a reply from %s", parsed[0])
+            finally:
+                self.processed += 1
