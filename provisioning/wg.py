@@ -589,7 +589,8 @@ class WireGuardGo:
         if self.running():
             raise WireGuardError(f"wireguard-go for {self.interface} is already running")
         sock = uapi_socket(self.interface)
-        if uapi_alive(self.interface):
+        # A process that was just killed answers for a moment while its threads exit.
+        if not _wait_until(lambda: not uapi_alive(self.interface), 2.0):
             raise WireGuardError(
                 f"another wireguard-go already serves {self.interface} ({sock}); interface names "
                 "are shared by all network namespaces: pick another name or stop that process"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
@@ -53,6 +54,16 @@ DEFAULT_INTERFACE = "efhub0"
 DEFAULT_LISTEN_PORT = 51820
 #: Keepalive written into engineers' configs (their laptops sit behind NAT too).
 ENGINEER_KEEPALIVE = 25
+
+
+def _wait_until_gone(interface: str, timeout: float = 2.0) -> bool:
+    """Whether no (other) wireguard-go serves `interface`; a just-killed one gets a moment."""
+    deadline = time.monotonic() + timeout
+    while uapi_alive(interface):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 class TunnelHubError(WireGuardError):
@@ -212,7 +223,7 @@ class TunnelHub:
         with self._lock:
             private = self._private_key()
             if not self._process.adopt():
-                if uapi_alive(self.interface):
+                if not _wait_until_gone(self.interface):
                     raise TunnelHubError(
                         f"{self.interface} is run by a wireguard-go this gateway did not start "
                         f"(no matching pid file in {self.state_dir}); stop it or choose another "
