@@ -359,6 +359,7 @@ Try it from another shell:
   source ${env_file}   # sets EDGEFLEET_GATEWAY, EDGEFLEET_TOKEN and PATH
   edgefleet devices list
   edgefleet devices show $first_id
+  edgefleet devices ping $first_id      # a signed command to the machine and back
   edgefleet audit
   edgefleet token create --tag site=demo --ttl 1h --uses 1   # provision one more machine
 
