@@ -28,10 +28,10 @@ Single-letter keys keep a 100-sample batch around 4 KiB; per-sample objects (rat
 positional arrays) keep the payload readable in ``mosquitto_sub`` and let ``t`` stay explicit.
 
 Parsing uses one pydantic ``TypeAdapter(...).validate_json`` in strict mode (Rust JSON parser
-and checks). Measured on the 2-core dev box against ``json.loads`` plus hand-written checks of
-the same rules: 310k vs 170k batches/s at 1 sample, 80k vs 46k at 10, 9.7k vs 6.3k at 100
-(``bench/outbox_bench.py`` prints the current figure). Only the future-timestamp check, which
-depends on the receiver's clock, runs in Python.
+and checks). Measured on the 2-core dev box against ``json`` plus hand-written checks of the
+same rules (``bench/outbox_bench.py`` prints both): about equal at 1 sample per batch (~220k
+batches/s each), 67k vs 40k batches/s at 10, 9.4k vs 5.9k at 100. Only the future-timestamp
+check, which depends on the receiver's clock, runs in Python.
 """
 
 from __future__ import annotations
