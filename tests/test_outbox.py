@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -115,6 +118,34 @@ def test_survives_restart_with_the_same_batches(db: Path) -> None:
         # the rest is new batches continuing the sequence, samples in order
         assert [b.seq for b in after_restart] == [2, 3, 4]
         assert [v for b in after_restart for v in values(b)] == list(range(10, 35))
+
+
+_CRASHING_AGENT = """
+import os, signal, sys, time
+from pathlib import Path
+from edge_agent.outbox import Outbox
+from provisioning.telemetry import Sample
+outbox = Outbox(Path(sys.argv[1]), batch_size=10)
+outbox.add([Sample("n", time.time(), float(i)) for i in range(25)])
+batch = outbox.next_batch()
+print(batch.seq, [int(s.value) for s in batch.samples], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: a crash
+"""
+
+
+def test_survives_a_killed_agent_process(db: Path) -> None:
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_AGENT, str(db)], capture_output=True, text=True, timeout=60
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    seq_text, _, values_text = crashed.stdout.partition(" ")
+    with Outbox(db, batch_size=10) as reopened:
+        assert len(reopened) == 25
+        batch = reopened.next_batch()
+        assert batch is not None
+        assert batch.seq == int(seq_text)
+        assert str(values(batch)) == values_text.strip()
+        assert reopened.stats().next_seq == batch.seq + 1
 
 
 def test_bound_drops_the_oldest_and_counts_them(db: Path) -> None:
