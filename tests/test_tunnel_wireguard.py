@@ -31,10 +31,12 @@ from edge_agent.tunnel import (
 from gateway.tunnel import (
     AddressNotAssignableError,
     AddressPool,
+    HandshakeTimeoutError,
     HubTunnel,
     PoolExhaustedError,
     TunnelConflictError,
     TunnelHub,
+    UnknownTunnelError,
     choose_address,
 )
 from gateway.tunnel.pool import CGNAT_NETWORK, DEFAULT_NETWORK
@@ -45,11 +47,13 @@ from provisioning.wg import (
     WireGuardGo,
     generate_keypair,
     link_exists,
+    nft_list_table,
     normalize_key,
     parse_wg_quick,
     pid_alive,
     public_key_from_private,
     render_wg_quick,
+    run_command,
     write_secret_file,
 )
 from tests.support.netns import (
@@ -348,6 +352,19 @@ def _remove_if_open(hub: TunnelHub, tunnel_id: str) -> None:
         hub.remove_tunnel(tunnel_id)
 
 
+def drop_count(netns: str, table: str, chain: str) -> int:
+    """Packets counted by the rules of one of our chains (all our counters sit on drop rules)."""
+    items = nft_list_table("inet", table, netns=netns) or []
+    return sum(
+        expr["counter"]["packets"]
+        for item in items
+        if "rule" in item and item["rule"]["chain"] == chain
+        for expr in item["rule"]["expr"]
+        if isinstance(expr, dict) and isinstance(expr.get("counter"), dict)
+        and "drop" in item["rule"]["expr"][-1]
+    )  # fmt: skip
+
+
 def probe_all(targets: list[tuple[str, IPv4Address, int]]) -> list[str]:
     """Several TCP probes at once (each blocked one costs its full timeout)."""
     with ThreadPoolExecutor(len(targets)) as pool:
@@ -402,7 +419,12 @@ def test_engineer_reaches_only_its_device_on_allowed_ports(
     assert peers[t1.tunnel.device_public_key].allowed_ips == (f"{dev1_ip}/32",)
     assert peers[t1.tunnel.engineer_public_key].allowed_ips == (f"{t1.tunnel.engineer_ip}/32",)
 
+    # Only the hub interface forwards; the namespace-wide switch stays off.
+    assert run_command(["sysctl", "-n", "net.ipv4.ip_forward"], netns=hub.netns).strip() == "0"
+
     # Denied, all probes dropped in the tunnel (timeout, not refused):
+    hub_ns, dev1_ns, dev2_ns = hub.netns or "", t1.endpoint.netns or "", t2.endpoint.netns or ""
+    agent1, agent2 = t1.endpoint.firewall.table, t2.endpoint.firewall.table
     results = probe_all(
         [
             (eng1, dev1_ip, PORT_B),  # hub allows B, the device's own filter does not
@@ -415,6 +437,14 @@ def test_engineer_reaches_only_its_device_on_allowed_ports(
         ]
     )
     assert results == ["timeout"] * 7, results
+    # ...each by the layer meant to: the hub forwards nothing outside a tunnel's rules and lets
+    # nothing reach itself; device 1's own filter stopped B inbound and the connection outbound;
+    # device 2's filter never saw C (the hub had dropped it).
+    assert drop_count(hub_ns, "edgefleet_hub", "hub_forward") > 0
+    assert drop_count(hub_ns, "edgefleet_hub", "hub_input") > 0
+    assert drop_count(dev1_ns, agent1, "tunnel_in") > 0
+    assert drop_count(dev1_ns, agent1, "tunnel_out") > 0
+    assert drop_count(dev2_ns, agent2, "tunnel_in") == 0
     # Control: the hub's server is up (reachable outside the tunnel, from its own link).
     assert http_get(eng1, lab.eng1.a_ip, PORT_A) == "hub"
 
@@ -453,6 +483,7 @@ def test_close_removes_everything_and_quarantines_addresses(
     dev_iface = t.endpoint.interface
     wg_pid = t.endpoint.pid
     assert wg_pid is not None
+    assert hub.wait_for_handshake("t-close", 5).device_handshake_age() is not None
     assert wait_for(lambda: http_get(t.eng_ns, t.tunnel.device_ip, PORT_A), 5, what="tunnel up")
     assert f"inet {t.endpoint.firewall.table}" in nft_tables(dev_ns)
     assert not [p for p in (tmp_path / "agent-t-close").iterdir() if "key" in p.name]
@@ -606,6 +637,29 @@ def test_hub_restart_keeps_open_tunnel_working(
     assert again.remove_tunnel("t-restart").tunnel_id == "t-restart"
     again.down()
     for addr in (stale.device_ip, stale.engineer_ip):
+        pool.release(addr)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_REASON is not None, reason=f"netns test: {_REASON}")
+def test_offline_device_times_out_and_leaves_nothing(hub: TunnelHub, pool: AddressPool) -> None:
+    tunnel = HubTunnel(
+        "t-offline",
+        generate_keypair().public_key,  # a device that never dials
+        generate_keypair().public_key,
+        pool.allocate(),
+        pool.allocate(),
+        frozenset({PORT_A}),
+    )
+    hub.add_tunnel(tunnel)
+    with pytest.raises(HandshakeTimeoutError, match=r"no WireGuard handshake .* within 1s"):
+        hub.wait_for_handshake("t-offline", 1.0)
+    hub.remove_tunnel("t-offline")
+    assert hub.peer_stats() == {}
+    assert hub.firewall.installed() == {}
+    with pytest.raises(UnknownTunnelError, match="no open tunnel 't-offline'"):
+        hub.tunnel_stats("t-offline")
+    for addr in (tunnel.device_ip, tunnel.engineer_ip):
         pool.release(addr)
 
 

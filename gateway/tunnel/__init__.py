@@ -5,6 +5,7 @@ The MQTT/HTTP flow (signed `tunnel.open`, CLI, audit, persistence) builds on the
 
 from gateway.tunnel.firewall import HubFirewall, TunnelRule
 from gateway.tunnel.hub import (
+    HandshakeTimeoutError,
     HubTunnel,
     RestoreReport,
     TunnelConflictError,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_QUARANTINE",
     "AddressNotAssignableError",
     "AddressPool",
+    "HandshakeTimeoutError",
     "HubFirewall",
     "HubTunnel",
     "PoolError",

@@ -74,6 +74,10 @@ class TunnelConflictError(ValueError):
     """A tunnel would reuse an id, key or address another tunnel holds."""
 
 
+class HandshakeTimeoutError(TunnelHubError):
+    """The device did not complete a WireGuard handshake in time (offline, blocked, wrong key)."""
+
+
 class UnknownTunnelError(KeyError):
     """No open tunnel has this id."""
 
@@ -230,6 +234,8 @@ class TunnelHub:
                         "interface name"
                     )
                 self._process.start()
+            # Filter before the interface carries anything (an adopted one keeps its table).
+            self.firewall.ensure_base()
             state = wg_show_dump(self.interface, netns=self.netns)
             if state.public_key != self.public_key or state.listen_port != self.listen_port:
                 wg_set_private_key(
@@ -244,7 +250,6 @@ class TunnelHub:
             # Forward between peers on this interface only; no ICMP redirects to peers.
             set_sysctl(f"net.ipv4.conf.{self.interface}.forwarding", "1", netns=self.netns)
             set_sysctl(f"net.ipv4.conf.{self.interface}.send_redirects", "0", netns=self.netns)
-            self.firewall.ensure_base()
             logger.info(
                 "tunnel hub %s up on port %d, %s, key %s",
                 self.interface,
@@ -254,18 +259,22 @@ class TunnelHub:
             )
 
     def down(self) -> None:
-        """Remove the firewall table and stop the interface (the key file stays)."""
+        """Stop the interface, then remove the firewall table (the key file stays).
+
+        In that order: once wireguard-go is gone no peer can send, so there is no moment with
+        peers up and their filter gone.
+        """
         with self._lock:
             errors: list[Exception] = []
-            try:
-                self.firewall.delete()
-            except WireGuardError as exc:
-                errors.append(exc)
             if self._process.pid is None:
                 self._process.adopt()
             try:
                 self._process.stop()
             except OSError as exc:
+                errors.append(exc)
+            try:
+                self.firewall.delete()
+            except WireGuardError as exc:
                 errors.append(exc)
             self._tunnels.clear()
             if errors:
@@ -308,10 +317,17 @@ class TunnelHub:
         with self._lock:
             self._check_free(tunnel, self._tunnels.values())
             live = wg_show_dump(self.interface, netns=self.netns).peers
+            live_ips = {ip for peer in live.values() for ip in peer.allowed_ips}
             for key in (tunnel.device_public_key, tunnel.engineer_public_key):
                 if key in live:
                     raise TunnelConflictError(
                         f"tunnel {tunnel.tunnel_id}: public key {key} is already a peer of the hub"
+                    )
+            for addr in (tunnel.device_ip, tunnel.engineer_ip):
+                if f"{addr}/32" in live_ips:
+                    raise TunnelConflictError(
+                        f"tunnel {tunnel.tunnel_id}: {addr} is already assigned to a hub peer "
+                        "(restore() the hub's tunnels after a restart)"
                     )
             self.firewall.add(tunnel.rule())
             try:
@@ -413,6 +429,28 @@ class TunnelHub:
             if tunnel is None:
                 raise UnknownTunnelError(f"no open tunnel {tunnel_id!r} on hub {self.interface}")
         return self._stats_for(tunnel, self.peer_stats())
+
+    def wait_for_handshake(
+        self, tunnel_id: str, timeout: float, *, interval: float = 0.05
+    ) -> TunnelStats:
+        """Wait until the device of `tunnel_id` has completed a handshake with the hub.
+
+        Keys are fresh per session, so any handshake with this peer belongs to this tunnel. Raises
+        HandshakeTimeoutError after `timeout` seconds; the tunnel stays open (the caller decides
+        to remove it).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.tunnel_stats(tunnel_id)
+            if stats.device is not None and stats.device.last_handshake is not None:
+                return stats
+            if time.monotonic() >= deadline:
+                raise HandshakeTimeoutError(
+                    f"tunnel {tunnel_id}: the device made no WireGuard handshake with the hub "
+                    f"within {timeout:.0f}s; it may be offline or unable to reach the hub's "
+                    f"UDP port {self.listen_port}"
+                )
+            time.sleep(interval)
 
     def engineer_config(self, tunnel_id: str, engineer_private_key: str, endpoint: str) -> str:
         """The engineer's wg-quick config: their /32, the hub as only peer, the device reachable.
