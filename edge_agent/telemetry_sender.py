@@ -191,8 +191,8 @@ class TelemetrySender:
             return
         self._inflight_seqs.discard(entry.seq)
         if ok:
-            self.outbox.ack(entry.seq)
-            self._acked += 1
+            if self.outbox.ack(entry.seq):  # False: the bound dropped it while in flight
+                self._acked += 1
             self._backoff = 0.0
             return
         self._refused += 1
