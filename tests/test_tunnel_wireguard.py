@@ -42,6 +42,7 @@ from gateway.tunnel import (
 from gateway.tunnel.pool import CGNAT_NETWORK, DEFAULT_NETWORK
 from provisioning.wg import (
     UAPI_DIR,
+    WgCommandError,
     WgConfigError,
     WgKeyError,
     WireGuardGo,
@@ -440,8 +441,8 @@ def test_engineer_reaches_only_its_device_on_allowed_ports(
     # ...each by the layer meant to: the hub forwards nothing outside a tunnel's rules and lets
     # nothing reach itself; device 1's own filter stopped B inbound and the connection outbound;
     # device 2's filter never saw C (the hub had dropped it).
-    assert drop_count(hub_ns, "edgefleet_hub", "hub_forward") > 0
-    assert drop_count(hub_ns, "edgefleet_hub", "hub_input") > 0
+    assert drop_count(hub_ns, hub.firewall.table, "hub_forward") > 0
+    assert drop_count(hub_ns, hub.firewall.table, "hub_input") > 0
     assert drop_count(dev1_ns, agent1, "tunnel_in") > 0
     assert drop_count(dev1_ns, agent1, "tunnel_out") > 0
     assert drop_count(dev2_ns, agent2, "tunnel_in") == 0
@@ -526,21 +527,34 @@ def test_close_removes_everything_and_quarantines_addresses(
 def test_device_side_ends_at_expiry_with_gateway_gone(
     lab: Lab, hub: TunnelHub, pool: AddressPool, stack: contextlib.ExitStack, tmp_path: Path
 ) -> None:
-    closed: list[tuple[str, str]] = []
     t = open_tunnel(
         lab, hub, pool, stack, tmp_path, tunnel_id="t-expire", device="dev2", engineer="eng2",
-        ttl=3.0, closed=closed,
+        ttl=3.0,
     )  # fmt: skip
     assert wait_for(lambda: http_get(t.eng_ns, t.tunnel.device_ip, PORT_A), 3, what="tunnel up")
     hub.down()  # the gateway is gone
-    dev_ns, dev_iface, pid = t.endpoint.netns or "", t.endpoint.interface, t.endpoint.pid
-    assert pid is not None
+    # The agent restarts too: the old process's timer is gone, a new one recovers the session.
+    assert t.endpoint._timer is not None
+    t.endpoint._timer.cancel()
+    closed: list[tuple[str, str]] = []
+    agent = TunnelEndpoint(
+        t.endpoint.state_dir,
+        t.endpoint.policy,
+        interface=t.endpoint.interface,
+        netns=t.endpoint.netns,
+        on_close=lambda s, reason: closed.append((s.tunnel_id, reason)),
+    )
+    stack.callback(agent.close)
+    assert agent.recover() == t.session
+    dev_ns, dev_iface, pid = agent.netns or "", agent.interface, agent.pid
+    assert pid is not None and pid == t.endpoint.pid
     wait_for(lambda: not link_exists(dev_iface, netns=dev_ns), 8, what="device interface gone")
     assert time.time() >= t.session.expires_at - 0.1
     wait_for(lambda: closed == [("t-expire", "expired")], 3, what="expiry reported")
+    assert time.time() < t.session.expires_at + 1.0  # by the timer, not the hard stop
     assert not pid_alive(pid)
-    assert f"inet {t.endpoint.firewall.table}" not in nft_tables(dev_ns)
-    assert t.endpoint.session is None
+    assert f"inet {agent.firewall.table}" not in nft_tables(dev_ns)
+    assert agent.session is None
     assert lab.net.pids(dev_ns) == []
 
 
@@ -661,6 +675,27 @@ def test_offline_device_times_out_and_leaves_nothing(hub: TunnelHub, pool: Addre
         hub.tunnel_stats("t-offline")
     for addr in (tunnel.device_ip, tunnel.engineer_ip):
         pool.release(addr)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_REASON is not None, reason=f"netns test: {_REASON}")
+def test_hub_that_cannot_come_up_leaves_nothing(
+    lab: Lab, hub: TunnelHub, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    second = TunnelHub(
+        tmp_path / "second", interface=lab.net.ifname("hub"), listen_port=HUB_PORT,
+        network="10.214.0.0/24", netns=hub.netns,
+    )  # fmt: skip
+    stack.callback(second.down)
+    before = lab.net.pids("hub")
+    with pytest.raises(WgCommandError, match="listen-port"):
+        second.up()  # the first hub holds the UDP port
+    assert second.pid is None
+    assert lab.net.pids("hub") == before
+    assert not link_exists(second.interface, netns=hub.netns)
+    assert nft_tables(hub.netns or "") == [f"inet {hub.firewall.table}"]  # the first hub's
+    assert hub.firewall.installed() == {}
+    assert (tmp_path / "second" / f"{second.interface}.key").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.netns

@@ -1,7 +1,8 @@
 """nftables on the hub: an engineer reaches one device on the listed ports and nothing else.
 
-Everything lives in one table of our own (`inet edgefleet_hub`), so we never touch anyone else's
-rules, and only traffic on the hub's WireGuard interface is judged:
+Everything lives in one table of our own per hub interface (`inet edgefleet_hub_<interface>`), so
+we never touch anyone else's rules (nor another hub's), and only traffic on the hub's WireGuard
+interface is judged:
 
 * `hub_forward` (hook forward): a packet that came in on the hub interface jumps, by its source
   address, through the `tunnel_dispatch` verdict map into its tunnel's chain; whatever that chain
@@ -30,7 +31,7 @@ from provisioning.wg import check_interface_name, nft_apply, nft_delete_table, n
 logger = logging.getLogger(__name__)
 
 FAMILY = "inet"
-TABLE = "edgefleet_hub"
+TABLE_PREFIX = "edgefleet_hub_"
 DISPATCH_MAP = "tunnel_dispatch"
 FORWARD_CHAIN = "hub_forward"
 INPUT_CHAIN = "hub_input"
@@ -96,10 +97,10 @@ def _ct_state(*states: str) -> dict[str, Any]:
 class HubFirewall:
     """Our nftables table on the hub (in `netns` when given)."""
 
-    def __init__(self, interface: str, *, netns: str | None = None, table: str = TABLE) -> None:
+    def __init__(self, interface: str, *, netns: str | None = None) -> None:
         self.interface = check_interface_name(interface)
         self.netns = netns
-        self.table = table
+        self.table = TABLE_PREFIX + self.interface
 
     def _obj(self, **extra: Any) -> dict[str, Any]:
         return {"family": FAMILY, "table": self.table, **extra}

@@ -19,6 +19,7 @@ after about 5 s (see `edge_agent.tunnel.endpoint.TunnelEndpoint.prepare`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -223,9 +224,14 @@ class TunnelHub:
         return self._process.pid
 
     def up(self) -> None:
-        """Bring the hub interface up, or adopt the one a previous gateway process left running."""
+        """Bring the hub interface up, or adopt the one a previous gateway process left running.
+
+        If a fresh start fails half-way (say the UDP port is taken), what it started is stopped
+        again and the error is raised.
+        """
         with self._lock:
             private = self._private_key()
+            started = False
             if not self._process.adopt():
                 if not _wait_until_gone(self.interface):
                     raise TunnelHubError(
@@ -234,22 +240,15 @@ class TunnelHub:
                         "interface name"
                     )
                 self._process.start()
-            # Filter before the interface carries anything (an adopted one keeps its table).
-            self.firewall.ensure_base()
-            state = wg_show_dump(self.interface, netns=self.netns)
-            if state.public_key != self.public_key or state.listen_port != self.listen_port:
-                wg_set_private_key(
-                    self.interface, private, listen_port=self.listen_port, netns=self.netns
-                )
-            configure_link(
-                self.interface,
-                address=IPv4Interface(f"{self.hub_ip}/{self.network.prefixlen}"),
-                mtu=self.mtu,
-                netns=self.netns,
-            )
-            # Forward between peers on this interface only; no ICMP redirects to peers.
-            set_sysctl(f"net.ipv4.conf.{self.interface}.forwarding", "1", netns=self.netns)
-            set_sysctl(f"net.ipv4.conf.{self.interface}.send_redirects", "0", netns=self.netns)
+                started = True
+            try:
+                self._configure(private)
+            except BaseException:
+                if started:
+                    with contextlib.suppress(Exception):
+                        self._process.stop()
+                        self.firewall.delete()
+                raise
             logger.info(
                 "tunnel hub %s up on port %d, %s, key %s",
                 self.interface,
@@ -257,6 +256,24 @@ class TunnelHub:
                 self.network,
                 self.public_key,
             )
+
+    def _configure(self, private: str) -> None:
+        # Filter before the interface carries anything (an adopted one keeps its table).
+        self.firewall.ensure_base()
+        state = wg_show_dump(self.interface, netns=self.netns)
+        if state.public_key != self.public_key or state.listen_port != self.listen_port:
+            wg_set_private_key(
+                self.interface, private, listen_port=self.listen_port, netns=self.netns
+            )
+        configure_link(
+            self.interface,
+            address=IPv4Interface(f"{self.hub_ip}/{self.network.prefixlen}"),
+            mtu=self.mtu,
+            netns=self.netns,
+        )
+        # Forward between peers on this interface only; no ICMP redirects to peers.
+        set_sysctl(f"net.ipv4.conf.{self.interface}.forwarding", "1", netns=self.netns)
+        set_sysctl(f"net.ipv4.conf.{self.interface}.send_redirects", "0", netns=self.netns)
 
     def down(self) -> None:
         """Stop the interface, then remove the firewall table (the key file stays).
