@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -33,11 +33,37 @@ from provisioning.wire import DeviceStatus, Reply, Topics
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
 
-Handler = Callable[[Command, Callable[[str, str | None], None]], dict[str, Any]]
+Progress = Callable[[str, str | None], None]
+Handler = Callable[[Command, Progress], dict[str, Any]]
+
+
+class Component(Protocol):
+    """A part of the agent that lives as long as it runs (telemetry, tunnels, ...).
+
+    paho's callbacks are forwarded to every component from the network thread: they must return
+    at once (hand work to a thread of their own). `status()` adds fields to the status message.
+    """
+
+    def start(self, agent: Agent) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def on_connect(self) -> None: ...
+
+    def on_disconnect(self) -> None: ...
+
+    def on_publish(self, mid: int, reason_code: ReasonCode) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, handlers: dict[str, Handler] | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        handlers: dict[str, Handler] | None = None,
+        components: list[Component] | None = None,
+    ) -> None:
         self.settings = settings
         self.identity: Identity = AgentState(settings.state_dir).load()
         self.topics = Topics(self.identity.enrollment.topic_prefix)
@@ -48,6 +74,7 @@ class Agent:
             self.identity.device_id,
         )
         self.handlers: dict[str, Handler] = {"ping": _ping, **(handlers or {})}
+        self.components: list[Component] = list(components or [])
         self._work: queue.Queue[Command | None] = queue.Queue()
         self._stopped = threading.Event()
         self.connected = threading.Event()
@@ -79,6 +106,7 @@ class Agent:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _on_connect(
@@ -91,20 +119,34 @@ class Agent:
         client.subscribe(self.topics.cmd(self.identity.device_id), qos=1)
         self.publish_status()
         self.connected.set()
+        for component in self.components:
+            component.on_connect()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
     ) -> None:
         self.connected.clear()
+        for component in self.components:
+            component.on_disconnect()
         if not self._stopped.is_set():
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, reason_code: ReasonCode, _p: Any
+    ) -> None:
+        for component in self.components:
+            component.on_publish(mid, reason_code)
+
     def publish_status(self, state: str = "online") -> mqtt.MQTTMessageInfo:
+        extra: dict[str, Any] = {}
+        for component in self.components:
+            extra.update(component.status())
         status = DeviceStatus(
             state="online" if state == "online" else "offline",
             agent_version=__version__,
             node_red_version=self._node_red_version_seen,
             ts=time.time(),
+            **extra,
         )
         return self.client.publish(
             self.topics.status(self.identity.device_id),
@@ -192,6 +234,8 @@ class Agent:
         """Run until stop() (from a signal handler or another thread)."""
         worker = threading.Thread(target=self._run_commands, name="commands", daemon=True)
         worker.start()
+        for component in self.components:
+            component.start(self)
         threading.Thread(target=self._watch_node_red, name="node-red-probe", daemon=True).start()
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
@@ -210,6 +254,8 @@ class Agent:
             self.identity.enrollment.broker.port,
         )
         self._stopped.wait()
+        for component in reversed(self.components):
+            component.stop()
         if self.connected.is_set():
             self.publish_status("offline").wait_for_publish(timeout=5)
         self.client.disconnect()

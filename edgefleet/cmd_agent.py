@@ -124,11 +124,11 @@ def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from edge_agent.runner import Agent
+    from edge_agent.assembly import build_agent
     from edge_agent.state import NotEnrolled
 
     try:
-        agent = Agent(_settings(args))
+        agent = build_agent(_settings(args))
     except NotEnrolled as exc:
         raise CommandError(str(exc), 2) from exc
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

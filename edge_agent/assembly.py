@@ -1,0 +1,15 @@
+"""Puts an agent together from its settings: which commands it handles, which parts it runs.
+
+Each feature adds itself here (one place to see everything an agent does).
+"""
+
+from __future__ import annotations
+
+from edge_agent.runner import Agent, Component, Handler
+from edge_agent.settings import AgentSettings
+
+
+def build_agent(settings: AgentSettings) -> Agent:
+    handlers: dict[str, Handler] = {}
+    components: list[Component] = []
+    return Agent(settings, handlers=handlers, components=components)
