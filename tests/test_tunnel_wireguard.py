@@ -9,6 +9,7 @@ packet went into the tunnel and was dropped), next to a positive control on the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -67,10 +68,12 @@ from tests.support.netns import (
     ns_socket,
     tcp_probe,
 )
+from tests.support.node_red import node_red_executable
 from tests.support.waiting import wait_for
 
 PORT_A, PORT_B, PORT_C = 8080, 2222, 9090
 ECHO_PORT = 7000
+NODE_RED_PORT = 1880
 HUB_PORT = 51820
 _REASON = missing_requirements()
 
@@ -323,7 +326,7 @@ def open_tunnel(
         expires_at=time.time() + ttl,
     )
     policy = TunnelPolicy(
-        allowed=True, allowed_ports=frozenset({PORT_A, PORT_B, PORT_C, ECHO_PORT})
+        allowed=True, allowed_ports=frozenset({PORT_A, PORT_B, PORT_C, ECHO_PORT, NODE_RED_PORT})
     )
     endpoint = TunnelEndpoint(
         tmp_path / f"agent-{tunnel_id}",
@@ -471,6 +474,70 @@ def test_engineer_reaches_only_its_device_on_allowed_ports(
             )
         )
     assert "t-three" not in hub.firewall.installed()
+
+
+@contextlib.contextmanager
+def node_red_in(netns: str, workdir: Path, port: int) -> Iterator[None]:
+    """A real Node-RED listening on all addresses of a device namespace, stopped afterwards."""
+    executable = node_red_executable()
+    user_dir = workdir / "node-red"
+    user_dir.mkdir(parents=True)
+    settings = workdir / "node-red-settings.js"
+    settings.write_text(
+        "module.exports = "
+        + json.dumps({"uiHost": "0.0.0.0", "flowFile": "flows.json", "credentialSecret": "t"})
+        + ";\n"
+    )
+    argv = [str(executable), "--port", str(port), "--userDir", str(user_dir)]
+    with (workdir / "node-red.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", netns, *argv, "--settings", str(settings)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            lambda: process.poll() is None and "Node-RED" in http_get(netns, "127.0.0.1", port),
+            timeout=60,
+            interval=0.2,
+            what="Node-RED in the device namespace",
+        )
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+@pytest.mark.netns
+@pytest.mark.nodered
+@pytest.mark.skipif(_REASON is not None, reason=f"netns test: {_REASON}")
+def test_engineer_opens_node_red_editor_through_tunnel(
+    lab: Lab, hub: TunnelHub, pool: AddressPool, stack: contextlib.ExitStack, tmp_path: Path
+) -> None:
+    dev_ns = lab.net.ns("dev2")
+    with node_red_in(dev_ns, tmp_path, NODE_RED_PORT):
+        t = open_tunnel(
+            lab, hub, pool, stack, tmp_path, tunnel_id="t-node-red", device="dev2",
+            engineer="eng2", ports=frozenset({NODE_RED_PORT}),
+        )  # fmt: skip
+        page = wait_for(
+            lambda: http_get(t.eng_ns, t.tunnel.device_ip, NODE_RED_PORT), 5, what="editor"
+        )
+        assert "<title>Node-RED</title>" in page
+        # The editor's Admin API answers too (the engineer's actual work).
+        flows = http_get(t.eng_ns, t.tunnel.device_ip, NODE_RED_PORT, path="/flows")
+        assert json.loads(flows) == []
+        t.endpoint.close()
+        hub.remove_tunnel("t-node-red")
+        assert tcp_probe(t.eng_ns, t.tunnel.device_ip, NODE_RED_PORT) == "timeout"
+    assert lab.net.pids(dev_ns) == []
 
 
 @pytest.mark.netns

@@ -116,18 +116,20 @@ def tcp_probe(netns: str, host: IPv4Address | str, port: int, timeout: float = 1
     return "open"
 
 
-def http_get(netns: str, host: IPv4Address | str, port: int, timeout: float = 2.0) -> str:
-    """GET / from inside `netns`; returns the body of a 200 answer, raises otherwise."""
+def http_get(
+    netns: str, host: IPv4Address | str, port: int, timeout: float = 2.0, path: str = "/"
+) -> str:
+    """GET `path` from inside `netns`; returns the body of a 200 answer, raises otherwise."""
     sock = ns_socket(netns)
     sock.settimeout(timeout)
     with sock:
         sock.connect((str(host), port))
-        sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
+    if not (head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))):
         raise ConnectionError(f"unexpected answer from {host}:{port}: {head[:80]!r}")
     return body.decode()
 
