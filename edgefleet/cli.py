@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Which optional install each command's code needs (see pyproject.toml).
+_EXTRA_OF = {"gateway": "gateway", "admin": "gateway", "agent": "agent"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -43,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"edgefleet: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get(args.command, "gateway")
+        print(
+            f"edgefleet: error: `edgefleet {args.command}` needs the {extra!r} extra, and "
+            f"{exc.name!r} is not installed here: pip install 'edgefleet[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `edgefleet ... | head`

@@ -117,3 +117,17 @@ def test_the_gateway_stack_is_not_installed(agent_venv: Path, tmp_path: Path) ->
         tmp_path,
     ).stdout.strip()
     assert Path(where).is_relative_to(agent_venv.parent), where
+
+
+def test_gateway_commands_say_which_extra_they_need(agent_venv: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(agent_venv / "edgefleet"), "gateway", "run", "--data-dir", str(tmp_path / "gw")],
+        cwd=tmp_path,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "edgefleet[gateway]" in result.stderr
+    assert "Traceback" not in result.stderr
