@@ -10,6 +10,7 @@ from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyHooks
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
+from gateway.leader import SingletonJobs
 from gateway.settings import GatewaySettings
 from provisioning.wire import Topics
 
@@ -23,6 +24,7 @@ class GatewayRuntime:
     broker_info: DeviceBrokerInfo
     publisher: CommandPublisher | None = None
     hooks: ReplyHooks = field(default_factory=ReplyHooks)
+    jobs: SingletonJobs | None = None
 
     @property
     def topics(self) -> Topics:

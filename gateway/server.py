@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -26,6 +25,7 @@ from gateway.broker_admin import DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyListener
 from gateway.db import make_engine, migrate
 from gateway.identity import GatewayIdentity
+from gateway.leader import LeaderElection, SingletonJobs
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.status_listener import StatusListener
@@ -71,33 +71,11 @@ def check_port_free(host: str, port: int, flag: str) -> None:
             ) from exc
 
 
-class _Jobs:
-    """Housekeeping on a timer: purge used JWT ids, remove stale broker credentials."""
-
-    def __init__(self, runtime: GatewayRuntime, interval: float) -> None:
-        self._runtime = runtime
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="gateway-jobs", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.run_once()
-
-    def run_once(self) -> None:
-        try:
-            with Session(self._runtime.engine) as session:
-                devices.purge_used_jtis(session)
-                devices.sync_broker_credentials(session, self._runtime.broker)
-        except Exception:
-            log.exception("housekeeping failed; trying again in %.0fs", self._interval)
+def _housekeeping(runtime: GatewayRuntime) -> None:
+    """Purge used JWT ids; remove broker credentials of revoked or unknown devices."""
+    with Session(runtime.engine) as session:
+        devices.purge_used_jtis(session)
+        devices.sync_broker_credentials(session, runtime.broker)
 
 
 class _Terminated(Exception):
@@ -138,11 +116,9 @@ def _run(settings: GatewaySettings) -> None:
         publisher = CommandPublisher(endpoint, Topics(settings.topic_prefix))
         publisher.start()
         stack.callback(publisher.stop)
-        runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher)
-        jobs = _Jobs(runtime, settings.status_sync_interval)
-        jobs.run_once()
-        jobs.start()
-        stack.callback(jobs.stop)
+        jobs = SingletonJobs(LeaderElection(engine))
+        runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher, jobs=jobs)
+        jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
 
         listener = StatusListener(endpoint, engine, runtime.topics)
         listener.start()
@@ -151,6 +127,8 @@ def _run(settings: GatewaySettings) -> None:
         replies.start()
         stack.callback(replies.stop)
 
+        jobs.start()  # after every feature has added its jobs above
+        stack.callback(jobs.stop)
         app = create_app(runtime)
         config = uvicorn.Config(
             app,
