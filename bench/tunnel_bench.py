@@ -57,7 +57,8 @@ def _summary(values: list[float]) -> str:
 
 
 class Bench:
-    def __init__(self, lab: NetLab, workdir: Path) -> None:
+    def __init__(self, lab: NetLab, workdir: Path, mtu: int) -> None:
+        self.mtu = mtu
         self.lab = lab
         self.workdir = workdir
         self.hub_link = lab.connect("hub", "dev")
@@ -67,6 +68,7 @@ class Bench:
             interface=lab.ifname("hub"),
             listen_port=HUB_PORT,
             network=NETWORK,
+            mtu=mtu,
             netns=lab.ns("hub"),
         )
         self.pool = AddressPool(NETWORK, quarantine=0)
@@ -84,6 +86,7 @@ class Bench:
             hub_endpoint=f"{self.hub_link.a_ip}:{HUB_PORT}",
             ports=frozenset({HTTP_PORT, SINK_PORT}),
             expires_at=time.time() + 600,
+            mtu=self.mtu,
         )
 
     def open(self, *, naive: bool = False) -> tuple[OpenTiming, TunnelEndpoint, str, object]:
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opens", type=int, default=20)
     parser.add_argument("--naive", type=int, default=3, help="naive opens (device dials first)")
     parser.add_argument("--mb", type=int, default=200, help="megabytes for the bulk transfer")
+    parser.add_argument("--mtu", type=int, default=1280, help="tunnel MTU (hub, device, engineer)")
     args = parser.parse_args(argv)
     reason = missing_requirements()
     if reason:
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     with NetLab() as lab, tempfile.TemporaryDirectory(prefix="ef-tunnel-bench-") as tmp:
         for role in ("hub", "dev", "eng"):
             lab.add_namespace(role)
-        bench = Bench(lab, Path(tmp))
+        bench = Bench(lab, Path(tmp), args.mtu)
         lab.serve("dev", HTTP_PORT, body="device")
         lab.serve("dev", SINK_PORT, mode="sink")
         bench.hub.up()
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if naive:
         print(f"naive open (device dials before the hub knows its key), {len(naive)} opens:")
         print(f"  p50 {_percentile(naive, 50) * 1000:7.1f} ms   max {max(naive) * 1000:7.1f} ms")
-    print(f"bulk TCP engineer -> device through one tunnel: {args.mb} MiB in {seconds:.2f} s"
+    print(f"bulk TCP engineer -> device through one tunnel (MTU {args.mtu}): {args.mb} MiB in"
+          f" {seconds:.2f} s"
           f" = {mbit:.0f} Mbit/s")  # fmt: skip
     return 0
 
