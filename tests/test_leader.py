@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import Engine
 
 from gateway.db import make_engine
 from gateway.leader import LeaderElection, SingletonJobs
@@ -17,7 +18,7 @@ from gateway.settings import GatewaySettings
 from tests.support.waiting import wait_for
 
 
-def _engine(url: str):  # type: ignore[no-untyped-def]
+def _engine(url: str) -> Engine:
     return make_engine(GatewaySettings(db_url=url).database_url)
 
 
@@ -64,7 +65,12 @@ def test_a_killed_leader_process_is_replaced_and_jobs_run_once_at_a_time(
         assert not jobs.is_leader and runs == []
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        wait_for(lambda: (jobs.run_due(), jobs.is_leader)[1], timeout=10, what="takeover")
+
+        def took_over() -> bool:
+            jobs.run_due()
+            return jobs.is_leader
+
+        wait_for(took_over, timeout=10, what="takeover")
         assert runs == ["ran"]
     finally:
         if proc.poll() is None:
