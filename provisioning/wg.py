@@ -323,9 +323,7 @@ def parse_wg_dump(text: str) -> InterfaceState:
             tx_bytes=int(tx),
             persistent_keepalive=None if keepalive == "off" else int(keepalive),
         )
-    return InterfaceState(
-        public_key=head[1], listen_port=int(head[2]) if head[2] != "0" else 0, peers=peers
-    )
+    return InterfaceState(public_key=head[1], listen_port=int(head[2]), peers=peers)
 
 
 def wg_show_dump(interface: str, *, netns: str | None = None) -> InterfaceState:
