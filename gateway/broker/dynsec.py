@@ -37,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker.mqtt_url import MqttEndpoint
+from gateway.broker.permissions import DEVICE_TOPIC_IN, DEVICE_TOPICS_OUT, device_topics
 from gateway.broker.pki import write_private_file
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ GATEWAY_USERNAME = "edgefleet_gateway"
 """The gateway's own MQTT user. The underscore keeps it out of the device id space."""
 GATEWAY_ROLE = "edgefleet_gateway"
 DEVICE_ROLE_PREFIX = "device-"
-DEVICE_TOPICS_OUT = ("telemetry", "status", "reply")
-DEVICE_TOPIC_IN = "cmd"
 
 DEVICE_ID_RE = re.compile(r"[a-z0-9-]{3,64}")
 _PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -111,10 +110,11 @@ def _acl(acltype: str, topic: str) -> dict[str, Any]:
 
 def device_acls(topic_prefix: str, device_id: str) -> list[dict[str, Any]]:
     """Exactly what one device may do: publish its own telemetry/status/reply, read its own cmd."""
-    base = f"{validate_topic_prefix(topic_prefix)}/{validate_device_id(device_id)}"
-    acls = [_acl("publishClientSend", f"{base}/{kind}") for kind in DEVICE_TOPICS_OUT]
-    acls.append(_acl("subscribeLiteral", f"{base}/{DEVICE_TOPIC_IN}"))
-    acls.append(_acl("publishClientReceive", f"{base}/{DEVICE_TOPIC_IN}"))
+    topics = device_topics(validate_topic_prefix(topic_prefix), validate_device_id(device_id))
+    acls = [_acl("publishClientSend", topic) for topic in topics["publish"]]
+    for topic in topics["subscribe"]:
+        acls.append(_acl("subscribeLiteral", topic))
+        acls.append(_acl("publishClientReceive", topic))
     return acls
 
 
