@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="use an external broker instead (mqtts://user:pass@host:port)",
     )
     run.add_argument(
+        "--broker-kind",
+        choices=["mosquitto", "emqx"],
+        help="how machine credentials reach the broker: mosquitto (dynamic security, default) "
+        "or emqx (EMQX asks this gateway's HTTP hooks; needs --mqtt-url)",
+    )
+    run.add_argument(
         "--mqtt-ca-file",
         type=Path,
         metavar="PEM",
@@ -135,6 +141,7 @@ def _run(args: argparse.Namespace) -> None:
             "mqtt_url",
             "mqtt_ca_file",
             "public_host",
+            "broker_kind",
             "topic_prefix",
             "signing_key_file",
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
+from gateway.api.routes_broker_hooks import router as broker_hooks_router
 from gateway.api.routes_registry import router as registry_router
 from gateway.runtime import GatewayRuntime
 
@@ -20,6 +21,8 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(registry_router)
+    if runtime.settings.broker_kind == "emqx":
+        app.include_router(broker_hooks_router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:

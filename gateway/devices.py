@@ -20,7 +20,7 @@ from gateway.models import Device, DeviceState, UsedJti
 from gateway.tokens import consume_provisioning_token
 from provisioning import keys
 from provisioning.jwt_rules import DeviceClaims, TokenRejected, verify_device_token
-from provisioning.secrets import new_secret
+from provisioning.secrets import hash_secret, new_secret
 from provisioning.wire import BrokerCredential, EnrollRequest, EnrollResponse
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
         tags=device.tags,
         key=fingerprint,
     )
-    session.flush()
     password = new_secret()
+    device.broker_password_hash = hash_secret(password)
+    session.flush()
     try:
         ctx.broker.add_device(device.id, password)
     except Exception as exc:

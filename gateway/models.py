@@ -74,6 +74,8 @@ class Device(SQLModel, table=True):
     node_red_version: str | None = Field(default=None, max_length=64)
     hostname: str | None = Field(default=None, max_length=255)
     provisioning_token_id: str | None = Field(default=None, max_length=32)
+    # SHA-256 of the device's broker password, for brokers that ask the gateway (EMQX hooks).
+    broker_password_hash: str | None = Field(default=None, max_length=64)
 
 
 class ProvisioningToken(SQLModel, table=True):
@@ -141,3 +143,4 @@ class CommandRecord(SQLModel, table=True):
     expires_at: datetime = _ts()
     actor: str = Field(max_length=80)
     ref: str | None = Field(default=None, max_length=80, index=True)
+

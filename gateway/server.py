@@ -14,14 +14,16 @@ from types import FrameType
 from typing import IO
 
 import uvicorn
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway import devices
 from gateway.app import create_app
 from gateway.broker.dynsec import DynsecAdmin
+from gateway.broker.emqx import EmqxApi, EmqxBrokerAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
-from gateway.broker_admin import DeviceBrokerInfo
+from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyListener
 from gateway.db import make_engine, migrate
 from gateway.identity import GatewayIdentity
@@ -109,9 +111,7 @@ def _run(settings: GatewaySettings) -> None:
         identity = GatewayIdentity.load_or_create(settings.signing_key_path)
 
         endpoint, info = _start_broker(settings, stack)
-        broker = DynsecAdmin(endpoint, settings.topic_prefix)
-        broker.connect()
-        stack.callback(broker.close)
+        broker = _broker_admin(settings, engine, endpoint, stack)
 
         publisher = CommandPublisher(endpoint, Topics(settings.topic_prefix))
         publisher.start()
@@ -144,6 +144,28 @@ def _run(settings: GatewaySettings) -> None:
             "SQLite" if settings.is_sqlite else "PostgreSQL",
         )
         uvicorn.Server(config).run()
+
+
+def _broker_admin(
+    settings: GatewaySettings, engine: Engine, endpoint: MqttEndpoint, stack: contextlib.ExitStack
+) -> BrokerAdmin:
+    """Mosquitto: credentials through dynamic security. EMQX: the gateway answers its hooks."""
+    if settings.broker_kind == "emqx":
+        if not settings.mqtt_url:
+            raise StartupError("--broker-kind emqx needs --mqtt-url (the EMQX cluster)")
+        api = None
+        if settings.emqx_api_url and settings.emqx_api_key and settings.emqx_api_secret:
+            api = EmqxApi(settings.emqx_api_url, settings.emqx_api_key, settings.emqx_api_secret)
+        else:
+            log.warning(
+                "no EMQX API key: revoked machines are refused at their next connect "
+                "but not kicked at once (set EDGEFLEET_EMQX_API_URL/_KEY/_SECRET)"
+            )
+        return EmqxBrokerAdmin(engine, api)
+    dynsec = DynsecAdmin(endpoint, settings.topic_prefix)
+    dynsec.connect()
+    stack.callback(dynsec.close)
+    return dynsec
 
 
 def _start_broker(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,19 @@ class GatewaySettings(BaseSettings):
         description="The gateway's command-signing key (EC P-256 PEM); default: in the data "
         "directory. Every replica of a cluster must use the same key.",
     )
+    broker_kind: Literal["mosquitto", "emqx"] = Field(
+        default="mosquitto",
+        description="mosquitto: device credentials through its dynamic-security plugin; emqx: "
+        "EMQX asks the gateway's HTTP hooks (/api/v1/broker/authn, /authz).",
+    )
+    broker_hook_token: str | None = Field(
+        default=None,
+        description="If set, the EMQX hooks require 'Authorization: Bearer <token>' "
+        "(put the same header in emqx.conf).",
+    )
+    emqx_api_url: str | None = Field(default=None, description="EMQX REST API, to kick revoked")
+    emqx_api_key: str | None = None
+    emqx_api_secret: str | None = None
     max_request_bytes: int = 64 * 1024
     provisioning_token_max_ttl: int = 30 * 24 * 3600
     status_sync_interval: float = 30.0
