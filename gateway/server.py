@@ -26,11 +26,14 @@ from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyListener
 from gateway.db import make_engine, migrate
+from gateway.flows.wiring import install_flow_pushes
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.status_listener import StatusListener
+from gateway.telemetry.service import start_telemetry
+from gateway.tunnels.setup import install_tunnels
 from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
@@ -61,16 +64,21 @@ def single_replica_lock(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def check_port_free(host: str, port: int, flag: str) -> None:
+def listen_socket(host: str, port: int, flag: str) -> socket.socket:
+    """Bind the HTTP socket first thing and hand it to uvicorn later: nothing started in between
+    (the broker, say) can take the port, and a port in use is an error that names the flag."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with {flag}"
-            ) from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another with {flag}"
+        ) from exc
+    sock.listen(2048)  # listening at once: SO_REUSEADDR lets nobody else bind it now
+    return sock
 
 
 def _housekeeping(runtime: GatewayRuntime) -> None:
@@ -104,7 +112,8 @@ def _run(settings: GatewaySettings) -> None:
     with contextlib.ExitStack() as stack:
         if settings.is_sqlite:
             stack.enter_context(single_replica_lock(settings.data_dir))
-        check_port_free(settings.http_host, settings.http_port, "--http")
+        http_socket = listen_socket(settings.http_host, settings.http_port, "--http")
+        stack.callback(http_socket.close)
         engine = make_engine(settings.database_url)
         stack.callback(engine.dispose)
         migrate(engine)
@@ -119,6 +128,8 @@ def _run(settings: GatewaySettings) -> None:
         jobs = SingletonJobs(LeaderElection(engine))
         runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher, jobs=jobs)
         jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
+        install_flow_pushes(runtime)  # before the reply listener: it stores deploy replies
+        install_tunnels(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
 
         listener = StatusListener(endpoint, engine, runtime.topics)
         listener.start()
@@ -126,6 +137,7 @@ def _run(settings: GatewaySettings) -> None:
         replies = ReplyListener(endpoint, engine, runtime.topics, runtime.hooks)
         replies.start()
         stack.callback(replies.stop)
+        start_telemetry(runtime, endpoint, stack)
 
         jobs.start()  # after every feature has added its jobs above
         stack.callback(jobs.stop)
@@ -143,7 +155,7 @@ def _run(settings: GatewaySettings) -> None:
             settings.http,
             "SQLite" if settings.is_sqlite else "PostgreSQL",
         )
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[http_socket])
 
 
 def _broker_admin(

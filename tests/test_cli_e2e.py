@@ -480,12 +480,6 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     _assert_failed(admin, "cannot reach the database")
 
 
-@pytest.mark.xfail(
-    reason="gateway/server.py _run(): --http and --mqtt-port on one port passes "
-    "check_port_free (the broker is not up yet), then uvicorn cannot bind and exits 3 with "
-    "its own '[Errno 98] error while attempting to bind' log line: no flag named",
-    strict=True,
-)
 def test_http_and_mqtt_on_one_port_names_a_flag(tmp_path: Path) -> None:
     port = free_port()
     done, took = _gateway_run(
