@@ -34,7 +34,7 @@ from gateway.broker.mosquitto import MosquittoSupervisor, PortInUseError
 from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker.pki import ensure_ca, ensure_server_certificate
 from tests.support.mosquitto import MqttProbe, device_endpoint, enroll_device, running_broker
-from tests.support.waiting import free_port, wait_for
+from tests.support.waiting import free_port, port_open, wait_for
 
 NOT_AUTHORIZED = 0x87
 QUEUED_COMMANDS = 1500
@@ -350,7 +350,7 @@ sys.stdin.read()
 """
 
 
-def test_broker_orphaned_by_a_killed_gateway_is_replaced(tmp_path: Path) -> None:
+def test_a_killed_gateway_takes_its_broker_with_it(tmp_path: Path) -> None:
     port = free_port()
     gateway = subprocess.Popen(
         [sys.executable, "-c", ORPHAN_SCRIPT, str(tmp_path), str(port)],
@@ -359,22 +359,57 @@ def test_broker_orphaned_by_a_killed_gateway_is_replaced(tmp_path: Path) -> None
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    orphan_pid = 0
+    broker_pid = 0
     try:
         assert gateway.stdout is not None
-        orphan_pid = int(gateway.stdout.readline())
+        broker_pid = int(gateway.stdout.readline())
         gateway.kill()
         gateway.wait()
-        assert Path(f"/proc/{orphan_pid}").exists(), "mosquitto should outlive a killed gateway"
-        with running_broker(tmp_path, port=port) as broker:
-            assert broker.pid != orphan_pid
-            wait_for(lambda: not Path(f"/proc/{orphan_pid}").exists(), what="orphan stopped")
+        wait_for(
+            lambda: not _alive(broker_pid), timeout=10, what="the broker to die with its gateway"
+        )
     finally:
         if gateway.poll() is None:
             gateway.kill()
             gateway.wait()
-        if orphan_pid and Path(f"/proc/{orphan_pid}").exists():
-            os.kill(orphan_pid, signal.SIGKILL)
+        if broker_pid and _alive(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_broker_left_behind_is_replaced_at_start(tmp_path: Path) -> None:
+    """A broker still running from an earlier gateway (found through the pid file) is stopped
+    and replaced, so the port and the persistence file are ours again."""
+    port = free_port()
+    with running_broker(tmp_path, port=port) as first:
+        config = tmp_path / "mosquitto" / "mosquitto.conf"
+        assert config.exists()
+        first_pid = first.pid
+    # Start one by hand from the same config, as if a gateway had died without stopping it.
+    orphan = subprocess.Popen(
+        ["mosquitto", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        (tmp_path / "mosquitto" / "mosquitto.pid").write_text(f"{orphan.pid}\n")
+        wait_for(lambda: port_open(port), timeout=10, what="the orphan to listen")
+        with running_broker(tmp_path, port=port) as broker:
+            assert broker.pid not in (orphan.pid, first_pid)
+            assert orphan.wait(timeout=10) is not None
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
 
 
 def test_retained_status_and_queued_command_survive_broker_restart(

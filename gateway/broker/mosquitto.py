@@ -10,6 +10,7 @@ broker with the gateway's CA: one listener, no plain loopback port to misconfigu
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import glob
 import logging
@@ -122,6 +123,22 @@ def _config_value(value: str | Path) -> str:
     if "\n" in text or "\r" in text:
         raise ValueError(f"{text!r} cannot go into a Mosquitto config file (line break)")
     return text
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it dies (Linux prctl).
+
+    The supervisor starts Mosquitto from `start()` (the gateway's main thread) or from its
+    watchdog thread, both of which live as long as the supervisor does.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pid file still finds an orphan later
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class MosquittoSupervisor:
@@ -371,6 +388,8 @@ class MosquittoSupervisor:
             # Its own session: a Ctrl-C meant for the gateway must not kill the broker before the
             # gateway stops it in order (the watchdog would see a crash).
             start_new_session=True,
+            # ...but if the gateway is killed outright, the broker goes with it.
+            preexec_fn=_die_with_parent,
         )
         self._proc = proc
         self._pid_path.write_text(f"{proc.pid}\n")
