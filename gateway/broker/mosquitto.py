@@ -141,6 +141,16 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, waiting for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] != "Z"
+
+
 class MosquittoSupervisor:
     """Runs one Mosquitto for the gateway and restarts it when it exits unexpectedly.
 
@@ -354,9 +364,9 @@ class MosquittoSupervisor:
         logger.warning("stopping mosquitto (pid %d) left running by an earlier gateway", pid)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if Path(f"/proc/{pid}").exists():
+        if _running(pid):
             os.kill(pid, signal.SIGKILL)
         self._pid_path.unlink(missing_ok=True)
 
