@@ -26,14 +26,11 @@ from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyListener
 from gateway.db import make_engine, migrate
-from gateway.flows.wiring import install_flow_pushes
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.status_listener import StatusListener
-from gateway.telemetry.service import start_telemetry
-from gateway.tunnels.setup import install_tunnels
 from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
@@ -128,8 +125,6 @@ def _run(settings: GatewaySettings) -> None:
         jobs = SingletonJobs(LeaderElection(engine))
         runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher, jobs=jobs)
         jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
-        install_flow_pushes(runtime)  # before the reply listener: it stores deploy replies
-        install_tunnels(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
 
         listener = StatusListener(endpoint, engine, runtime.topics)
         listener.start()
@@ -137,7 +132,6 @@ def _run(settings: GatewaySettings) -> None:
         replies = ReplyListener(endpoint, engine, runtime.topics, runtime.hooks)
         replies.start()
         stack.callback(replies.stop)
-        start_telemetry(runtime, endpoint, stack)
 
         jobs.start()  # after every feature has added its jobs above
         stack.callback(jobs.stop)
