@@ -143,4 +143,3 @@ class CommandRecord(SQLModel, table=True):
     expires_at: datetime = _ts()
     actor: str = Field(max_length=80)
     ref: str | None = Field(default=None, max_length=80, index=True)
-
