@@ -55,9 +55,11 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
             f"this public key is already enrolled as {taken.id}; a machine re-enrolling "
             "must make a new key pair (edgefleet agent enroll --force)",
         )
+    device_id = new_device_id()
+    password = new_secret()
     device = Device(
-        id=new_device_id(),
-        name=request.name or request.hostname[:64] or "unnamed",
+        id=device_id,
+        name=request.name or device_id,
         public_key=keys.public_key_pem(public_key),
         key_fingerprint=fingerprint,
         tags=dict(token.tags),
@@ -65,9 +67,8 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
         agent_version=request.agent_version or None,
         hostname=request.hostname or None,
         provisioning_token_id=token.id,
+        broker_password_hash=hash_secret(password),
     )
-    if not request.name:
-        device.name = device.id
     session.add(device)
     audit.record(
         session,
@@ -78,8 +79,6 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
         tags=device.tags,
         key=fingerprint,
     )
-    password = new_secret()
-    device.broker_password_hash = hash_secret(password)
     session.flush()
     try:
         ctx.broker.add_device(device.id, password)
