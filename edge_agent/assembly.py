@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from edge_agent.runner import Agent, Component, Handler
 from edge_agent.settings import AgentSettings
+from edge_agent.telemetry_component import TelemetryComponent
 
 
 def build_agent(settings: AgentSettings) -> Agent:
     handlers: dict[str, Handler] = {}
     components: list[Component] = []
+    components.append(TelemetryComponent(settings))
     return Agent(settings, handlers=handlers, components=components)

@@ -14,6 +14,11 @@ find their batch here; re-publishing them as well would only double the traffic.
 
 - a PUBACK with a failure reason code (>= 0x80, e.g. "not authorized", "quota exceeded"): paho
   forgets the message; the batch stays in the outbox and is sent again after a backoff;
+- a PUBACK with 0x10 "no matching subscribers": the broker took the message and dropped it, as
+  nobody was subscribed. For telemetry that means nobody stored it (the gateway has not
+  subscribed yet, or its subscription was lost: Mosquitto 2.0 does not restore shared
+  subscriptions from its persistence file, so after a broker restart telemetry has no
+  subscriber until the gateway's ingest reconnects). Treated like a refusal: sent again;
 - a batch with no PUBACK ``ack_timeout`` seconds after it was sent or after the last reconnect
   (paho dropped it, the owner replaced or reset the client): sent again;
 - an agent restart: the outbox is on disk; sending starts again from its oldest batch.
@@ -42,6 +47,7 @@ DEFAULT_ACK_TIMEOUT: Final = 30.0
 _BACKOFF_FIRST: Final = 1.0
 _BACKOFF_MAX: Final = 60.0
 _IDLE_WAKE: Final = 1.0
+NO_MATCHING_SUBSCRIBERS: Final = 0x10
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +95,7 @@ class TelemetrySender:
         self.max_inflight = max_inflight
         self.ack_timeout = ack_timeout
         # Written by paho's thread (and the outbox's adders), read by the worker.
-        self._events: collections.deque[tuple[str, int, bool]] = collections.deque()
+        self._events: collections.deque[tuple[str, int, int]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,20 +112,17 @@ class TelemetrySender:
 
     def on_connect(self) -> None:
         """Forward from the client's ``on_connect`` when the CONNACK reason is success."""
-        self._events.append(("connect", 0, True))
+        self._events.append(("connect", 0, 0))
         self._wake.set()
 
     def on_disconnect(self) -> None:
-        self._events.append(("disconnect", 0, True))
+        self._events.append(("disconnect", 0, 0))
         self._wake.set()
 
     def on_publish(self, mid: int, reason_code: ReasonCode | int) -> None:
         """Forward from the client's ``on_publish(client, userdata, mid, reason_code, props)``."""
-        if isinstance(reason_code, ReasonCode):
-            ok = not reason_code.is_failure
-        else:
-            ok = reason_code < 0x80
-        self._events.append(("publish", mid, ok))
+        code = reason_code.value if isinstance(reason_code, ReasonCode) else int(reason_code)
+        self._events.append(("publish", mid, code))
         self._wake.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -174,7 +177,7 @@ class TelemetrySender:
 
     def _handle_events(self) -> None:
         while self._events:
-            kind, mid, ok = self._events.popleft()
+            kind, mid, code = self._events.popleft()
             if kind == "connect":
                 self._connected = True
                 now = time.monotonic()
@@ -183,22 +186,28 @@ class TelemetrySender:
             elif kind == "disconnect":
                 self._connected = False
             else:
-                self._published_ack(mid, ok)
+                self._published_ack(mid, code)
 
-    def _published_ack(self, mid: int, ok: bool) -> None:
+    def _published_ack(self, mid: int, code: int) -> None:
         entry = self._inflight.pop(mid, None)
         if entry is None:  # a publish of the owner's, or a batch already given up on
             return
         self._inflight_seqs.discard(entry.seq)
-        if ok:
+        if code < 0x80 and code != NO_MATCHING_SUBSCRIBERS:
             if self.outbox.ack(entry.seq):  # False: the bound dropped it while in flight
                 self._acked += 1
             self._backoff = 0.0
             return
         self._refused += 1
-        log.warning("broker refused telemetry batch %d; it stays queued", entry.seq)
+        if code == NO_MATCHING_SUBSCRIBERS:
+            log.warning("no subscriber took telemetry batch %d; it stays queued", entry.seq)
+        else:
+            log.warning(
+                "broker refused telemetry batch %d (0x%02x); it stays queued", entry.seq, code
+            )
         self._again(entry.seq)
-        self._pause()
+        if time.monotonic() >= self._resume_at:  # one backoff step per episode, not per batch
+            self._pause()
 
     def _expire(self) -> None:
         if not self._connected:

@@ -77,6 +77,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         dest="signing_key_file",
         help="the command-signing key; replicas of a cluster share one",
     )
+    run.add_argument(
+        "--replica-name",
+        metavar="NAME",
+        help="this replica's name for its MQTT sessions (default: from host and data dir)",
+    )
+    run.add_argument(
+        "--telemetry-retention",
+        metavar="AGE",
+        help="delete samples older than this, e.g. 30d or 12h (default 30d)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.set_defaults(func=_run)
 
@@ -144,6 +154,8 @@ def _run(args: argparse.Namespace) -> None:
             "broker_kind",
             "topic_prefix",
             "signing_key_file",
+            "replica_name",
+            "telemetry_retention",
         ),
     )
     from gateway.broker.dynsec import BrokerError

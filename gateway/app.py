@@ -6,7 +6,9 @@ from fastapi import FastAPI
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
 from gateway.api.routes_broker_hooks import router as broker_hooks_router
+from gateway.api.routes_metrics import router as metrics_router
 from gateway.api.routes_registry import router as registry_router
+from gateway.api.routes_telemetry import router as telemetry_router
 from gateway.runtime import GatewayRuntime
 
 
@@ -21,6 +23,8 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(registry_router)
+    app.include_router(telemetry_router)
+    app.include_router(metrics_router)
     if runtime.settings.broker_kind == "emqx":
         app.include_router(broker_hooks_router)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
@@ -25,6 +26,8 @@ class GatewayRuntime:
     publisher: CommandPublisher | None = None
     hooks: ReplyHooks = field(default_factory=ReplyHooks)
     jobs: SingletonJobs | None = None
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
+    """This gateway's Prometheus metrics (served at /metrics); never the global registry."""
 
     @property
     def topics(self) -> Topics:

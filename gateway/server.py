@@ -31,6 +31,7 @@ from gateway.leader import LeaderElection, SingletonJobs
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.status_listener import StatusListener
+from gateway.telemetry.service import start_telemetry
 from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def _run(settings: GatewaySettings) -> None:
         replies = ReplyListener(endpoint, engine, runtime.topics, runtime.hooks)
         replies.start()
         stack.callback(replies.stop)
+        start_telemetry(runtime, endpoint, stack)
 
         jobs.start()  # after every feature has added its jobs above
         stack.callback(jobs.stop)

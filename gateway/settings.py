@@ -57,6 +57,30 @@ class GatewaySettings(BaseSettings):
     max_request_bytes: int = 64 * 1024
     provisioning_token_max_ttl: int = 30 * 24 * 3600
     status_sync_interval: float = 30.0
+    replica_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,48}$",
+        description="This replica's name, for its stable MQTT client ids (telemetry ingest); "
+        "default: derived from the host name and the data directory.",
+    )
+    telemetry_retention: int = Field(
+        default=30 * 86400,
+        gt=0,
+        description="Delete samples older than this: seconds, or 90m, 12h, 30d.",
+    )
+    telemetry_retention_interval: float = 300.0
+    telemetry_session_expiry: int = Field(
+        default=7 * 86400,
+        gt=0,
+        description="Seconds the broker keeps a stopped replica's telemetry session (its share "
+        "of the stream waits there for it).",
+    )
+    telemetry_receive_maximum: int = Field(
+        default=10_000,
+        ge=1,
+        le=65535,
+        description="Unacknowledged telemetry messages the broker may send this replica at once.",
+    )
 
     @field_validator("http")
     @classmethod
@@ -64,6 +88,19 @@ class GatewaySettings(BaseSettings):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected HOST:PORT, e.g. 0.0.0.0:8080, not {value!r}")
+        return value
+
+    @field_validator("telemetry_retention", mode="before")
+    @classmethod
+    def _parse_retention(cls, value: object) -> object:
+        """'30d', '12h', '90m', '45s' or plain seconds."""
+        if isinstance(value, str):
+            text = value.strip().lower()
+            units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+            if text[-1:] in units and text[:-1].isdigit():
+                return int(text[:-1]) * units[text[-1]]
+            if not text.isdigit():
+                raise ValueError(f"expected a duration such as 30d, 12h or 3600, not {value!r}")
         return value
 
     @property

@@ -5,7 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-import gateway.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import gateway.models  # registers the tables on SQLModel.metadata
+import gateway.telemetry.models  # noqa: F401  (the telemetry tables)
 
 connection = context.config.attributes["connection"]
 context.configure(
