@@ -29,8 +29,10 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         app.include_router(broker_hooks_router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "gateway_id": runtime.identity.gateway_id}
+    def healthz() -> dict[str, str | bool]:
+        """`leader`: whether this replica runs the singleton jobs right now."""
+        leader = runtime.jobs.is_leader if runtime.jobs is not None else False
+        return {"status": "ok", "gateway_id": runtime.identity.gateway_id, "leader": leader}
 
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
     return app

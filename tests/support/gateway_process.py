@@ -145,7 +145,19 @@ class GatewayProcess:
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
+    def external_broker(self) -> bool:
+        return "--mqtt-url" in self.extra_args
+
+    def _option(self, name: str) -> list[str]:
+        """`[name, value]` when `name` is among the extra arguments (e.g. --db), else []."""
+        if name in self.extra_args:
+            at = self.extra_args.index(name)
+            return self.extra_args[at : at + 2]
+        return []
+
+    @property
     def argv(self) -> list[str]:
+        broker = [] if self.external_broker else ["--mqtt-port", str(self.mqtt_port)]
         return [
             *edgefleet_command(),
             "gateway",
@@ -154,8 +166,7 @@ class GatewayProcess:
             str(self.data_dir),
             "--http",
             f"127.0.0.1:{self.http_port}",
-            "--mqtt-port",
-            str(self.mqtt_port),
+            *broker,
             *self.extra_args,
         ]
 
@@ -274,7 +285,7 @@ class GatewayProcess:
         `admin ...` commands get `--data-dir` of this gateway."""
         argv = [str(a) for a in args]
         if argv[:1] == ["admin"]:
-            argv += ["--data-dir", str(self.data_dir)]
+            argv += ["--data-dir", str(self.data_dir), *self._option("--db")]
         merged = {**self.env(token), **(env or {})}
         done = run_edgefleet(*argv, env=merged, check=False, timeout=timeout)
         if check and done.returncode != 0:
