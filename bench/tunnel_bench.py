@@ -10,6 +10,11 @@ and the close (device endpoint and hub peers/rules). For comparison it also time
 "naive" opens in which the device dials before the hub knows its key (WireGuard retries the
 handshake only after ~5 s). Finally it pushes a bulk TCP transfer through one tunnel.
 
+The product path is timed too (`--product-opens`, default 20): a real `edgefleet gateway run
+--tunnel-hub` in the hub namespace, a real `edgefleet agent run` in the device namespace, and the
+engineer's `edgefleet tunnel open` (a fresh CLI process each time) -> engineer brings up the config
+it wrote -> first HTTP answer; then `edgefleet tunnel close` and the device dropping its side.
+
 Run as root from the repository root:  python -m bench.tunnel_bench [--opens 20] [--mb 200]
 """
 
@@ -17,18 +22,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import socket
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from edge_agent.tunnel import TunnelEndpoint, TunnelPolicy, TunnelSession
 from gateway.tunnel import AddressPool, HubTunnel, TunnelHub
 from provisioning.wg import generate_keypair
 from tests.support.netns import NetLab, http_get, missing_requirements, ns_socket
+from tests.support.tunnel_lab import TunnelLab
 from tests.support.waiting import wait_for
 
 HTTP_PORT, SINK_PORT, HUB_PORT = 8080, 5001, 51820
@@ -170,12 +178,91 @@ class Bench:
         return elapsed, megabytes * len(chunk) * 8 / elapsed / 1e6
 
 
+@dataclass
+class ProductTiming:
+    cli_open: float  # `edgefleet tunnel open` ran (new process: interpreter start, HTTP, wait)
+    gateway_open: float  # inside the gateway: tunnel recorded -> first handshake seen
+    engineer_up: float
+    first_answer: float
+    total: float  # CLI started -> first HTTP answer through the tunnel
+    cli_close: float  # `edgefleet tunnel close` ran (returns once the hub removed the peers)
+    device_down: float  # close started -> the device's interface is gone
+
+
+def product_bench(opens: int, workdir: Path) -> list[ProductTiming]:
+    """The real gateway, agent and CLI; see the module docstring."""
+    env = {"EDGEFLEET_TUNNEL_QUARANTINE": "0"}
+    lab = TunnelLab(
+        workdir, devices=("dev",), engineers=("eng",), network="10.213.9.0/24", gateway_env=env
+    )
+    timings: list[ProductTiming] = []
+    try:
+        lab.net.serve("dev", HTTP_PORT, body="device")
+        lab.start_gateway()
+        device = lab.enroll("dev", lab.hub_cli().json("token", "create")["token"])
+        lab.start_agent("dev", [HTTP_PORT])
+        lab.wait_agent_connected("dev")
+        cli, eng_ns = lab.cli("eng"), lab.ns("eng")
+        for index in range(opens):
+            config = workdir / "eng" / f"open-{index}.conf"
+            t0 = time.perf_counter()
+            tunnel = cli.json(
+                "tunnel", "open", device, "--port", str(HTTP_PORT), "--ttl", "10m", "-o", config
+            )
+            t1 = time.perf_counter()
+            _iface, process = lab.net.wg_client("eng", config.read_text())
+            t2 = time.perf_counter()
+            wait_for(
+                functools.partial(http_get, eng_ns, tunnel["device_ip"], HTTP_PORT, timeout=0.5),
+                timeout=20,
+                interval=0.01,
+                what="first answer through the tunnel",
+            )
+            t3 = time.perf_counter()
+            cli.run("tunnel", "close", tunnel["id"])
+            t4 = time.perf_counter()
+            wait_for(lambda: not lab.agent_tunnel_up("dev"), 20, 0.01, "device side down")
+            t5 = time.perf_counter()
+            process.stop()
+            created = datetime.fromisoformat(tunnel["created_at"])
+            opened = datetime.fromisoformat(tunnel["opened_at"])
+            timings.append(
+                ProductTiming(
+                    cli_open=t1 - t0,
+                    gateway_open=(opened - created).total_seconds(),
+                    engineer_up=t2 - t1,
+                    first_answer=t3 - t2,
+                    total=t3 - t0,
+                    cli_close=t4 - t3,
+                    device_down=t5 - t3,
+                )
+            )
+    finally:
+        lab.close()
+    return timings
+
+
+def _print_product(timings: list[ProductTiming]) -> None:
+    print(
+        f"edgefleet tunnel open -> first answered request, {len(timings)} opens (real gateway "
+        "with hub, real agent, CLI as a new process each time):"
+    )
+    for name in ("total", "cli_open", "gateway_open", "engineer_up", "first_answer"):
+        print(f"  {name:<13} {_summary([getattr(t, name) for t in timings])}")
+    print("edgefleet tunnel close:")
+    for name in ("cli_close", "device_down"):
+        print(f"  {name:<13} {_summary([getattr(t, name) for t in timings])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--opens", type=int, default=20)
     parser.add_argument("--naive", type=int, default=3, help="naive opens (device dials first)")
     parser.add_argument("--mb", type=int, default=200, help="megabytes for the bulk transfer")
     parser.add_argument("--mtu", type=int, default=1280, help="tunnel MTU (hub, device, engineer)")
+    parser.add_argument(
+        "--product-opens", type=int, default=20, help="opens through gateway, agent and CLI"
+    )
     args = parser.parse_args(argv)
     reason = missing_requirements()
     if reason:
@@ -219,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bulk TCP engineer -> device through one tunnel (MTU {args.mtu}): {args.mb} MiB in"
           f" {seconds:.2f} s"
           f" = {mbit:.0f} Mbit/s")  # fmt: skip
+    if args.product_opens:
+        with tempfile.TemporaryDirectory(prefix="ef-tunnel-bench-") as tmp:
+            _print_product(product_bench(args.product_opens, Path(tmp)))
     return 0
 
 

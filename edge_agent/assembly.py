@@ -8,10 +8,14 @@ from __future__ import annotations
 from edge_agent.runner import Agent, Component, Handler
 from edge_agent.settings import AgentSettings
 from edge_agent.telemetry_component import TelemetryComponent
+from edge_agent.tunnel_handler import TunnelCommands
 
 
 def build_agent(settings: AgentSettings) -> Agent:
     handlers: dict[str, Handler] = {}
     components: list[Component] = []
     components.append(TelemetryComponent(settings))
+    tunnels = TunnelCommands.from_settings(settings)
+    handlers.update(tunnels.handlers())
+    components.append(tunnels)
     return Agent(settings, handlers=handlers, components=components)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class AgentSettings(BaseSettings):
@@ -38,3 +39,31 @@ class AgentSettings(BaseSettings):
     outbox_batch_size: int = Field(
         default=100, ge=1, le=1000, description="Samples per telemetry message."
     )
+    # The machine owner's word on support tunnels: off unless they opt in, and then only these
+    # ports for at most this long. A tunnel.open asking for more is refused.
+    tunnel_allowed: bool = Field(default=False, description="Allow remote support tunnels.")
+    tunnel_allowed_ports: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="Ports a support tunnel may ever open (e.g. 1880,22)."
+    )
+    tunnel_max_ttl: float = Field(default=12 * 3600.0, gt=0, description="Longest tunnel, seconds.")
+    tunnel_interface: str = Field(
+        default="eftun0",
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$",
+        description="Name of the tunnel's WireGuard interface.",
+    )
+
+    @field_validator("tunnel_allowed_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: Any) -> Any:
+        """EDGEFLEET_AGENT_TUNNEL_ALLOWED_PORTS=1880,22 (a list is taken as it is)."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tunnel_allowed_ports")
+    @classmethod
+    def _check_ports(cls, value: list[int]) -> list[int]:
+        bad = [port for port in value if not 0 < port < 65536]
+        if bad:
+            raise ValueError(f"ports must be 1..65535, not {bad}")
+        return sorted(set(value))

@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from edgefleet.output import CommandError, print_json
+from edgefleet.output import CommandError, parse_duration, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,6 +61,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--node-red", metavar="URL", help="Node-RED's Admin API (default http://127.0.0.1:1880)"
     )
+    tunnel = run.add_argument_group(
+        "support tunnels (the machine owner's policy; off unless --allow-tunnels)"
+    )
+    tunnel.add_argument(
+        "--allow-tunnels",
+        action="store_true",
+        default=None,
+        dest="tunnel_allowed",
+        help="allow remote support tunnels ($EDGEFLEET_AGENT_TUNNEL_ALLOWED)",
+    )
+    tunnel.add_argument(
+        "--tunnel-port",
+        type=int,
+        action="append",
+        metavar="PORT",
+        dest="tunnel_allowed_ports",
+        help="a port a support tunnel may open (repeat; or "
+        "$EDGEFLEET_AGENT_TUNNEL_ALLOWED_PORTS=1880,22)",
+    )
+    tunnel.add_argument(
+        "--tunnel-max-ttl",
+        metavar="DURATION",
+        help="longest support tunnel, e.g. 2h (default 12h)",
+    )
+    tunnel.add_argument(
+        "--tunnel-interface",
+        metavar="NAME",
+        help="WireGuard interface name for the tunnel (default eftun0)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.set_defaults(func=_run)
 
@@ -83,7 +112,18 @@ def _settings(args: argparse.Namespace) -> Any:
         overrides["state_dir"] = args.state_dir
     if getattr(args, "node_red", None):
         overrides["node_red"] = args.node_red
-    return AgentSettings(**overrides)
+    for name in ("tunnel_allowed", "tunnel_allowed_ports", "tunnel_interface"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "tunnel_max_ttl", None):
+        overrides["tunnel_max_ttl"] = parse_duration(args.tunnel_max_ttl)
+    from pydantic import ValidationError
+
+    try:
+        return AgentSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"bad setting: {problems}", 2) from exc
 
 
 def _enroll(args: argparse.Namespace) -> None:

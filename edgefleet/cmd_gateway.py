@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgefleet.output import CommandError, print_json
+from edgefleet.output import CommandError, parse_duration, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,6 +87,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="AGE",
         help="delete samples older than this, e.g. 30d or 12h (default 30d)",
     )
+    tunnels = run.add_argument_group("support tunnels (the hub runs on one replica only)")
+    tunnels.add_argument(
+        "--tunnel-hub",
+        action="store_true",
+        default=None,
+        help="run the WireGuard tunnel hub on this replica (needs root or CAP_NET_ADMIN)",
+    )
+    tunnels.add_argument(
+        "--tunnel-endpoint",
+        metavar="HOST:PORT",
+        help="public UDP address machines and engineers dial to reach the hub",
+    )
+    tunnels.add_argument(
+        "--tunnel-listen-port", type=int, metavar="PORT", help="hub UDP port (default 51820)"
+    )
+    tunnels.add_argument(
+        "--tunnel-interface", metavar="NAME", help="hub interface name (default efhub0)"
+    )
+    tunnels.add_argument(
+        "--tunnel-network", metavar="CIDR", help="tunnel address pool (default 10.213.0.0/16)"
+    )
+    tunnels.add_argument("--tunnel-mtu", type=int, metavar="MTU", help="default 1280")
+    tunnels.add_argument(
+        "--tunnel-max-ttl",
+        type=_duration,
+        metavar="DURATION",
+        help="longest tunnel an operator may open, e.g. 4h (default 12h)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.set_defaults(func=_run)
 
@@ -107,6 +135,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _data_options(create)
     create.add_argument("--json", action="store_true", help="print one JSON document")
     create.set_defaults(func=_create_token)
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except CommandError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
@@ -156,16 +191,30 @@ def _run(args: argparse.Namespace) -> None:
             "signing_key_file",
             "replica_name",
             "telemetry_retention",
+            "tunnel_hub",
+            "tunnel_endpoint",
+            "tunnel_listen_port",
+            "tunnel_interface",
+            "tunnel_network",
+            "tunnel_mtu",
+            "tunnel_max_ttl",
         ),
     )
     from gateway.broker.dynsec import BrokerError
     from gateway.broker.mosquitto import PortInUseError
     from gateway.db import DatabaseUnavailable
     from gateway.server import StartupError, run_gateway
+    from gateway.tunnels.setup import TunnelSetupError
 
     try:
         run_gateway(settings)
-    except (StartupError, PortInUseError, DatabaseUnavailable, BrokerError) as exc:
+    except (
+        StartupError,
+        PortInUseError,
+        DatabaseUnavailable,
+        BrokerError,
+        TunnelSetupError,
+    ) as exc:
         raise CommandError(str(exc), 2) from exc
 
 

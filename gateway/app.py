@@ -9,6 +9,7 @@ from gateway.api.routes_broker_hooks import router as broker_hooks_router
 from gateway.api.routes_metrics import router as metrics_router
 from gateway.api.routes_registry import router as registry_router
 from gateway.api.routes_telemetry import router as telemetry_router
+from gateway.api.routes_tunnels import router as tunnels_router
 from gateway.runtime import GatewayRuntime
 
 
@@ -25,6 +26,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     app.include_router(registry_router)
     app.include_router(telemetry_router)
     app.include_router(metrics_router)
+    app.include_router(tunnels_router)
     if runtime.settings.broker_kind == "emqx":
         app.include_router(broker_hooks_router)
 

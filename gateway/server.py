@@ -32,6 +32,7 @@ from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.status_listener import StatusListener
 from gateway.telemetry.service import start_telemetry
+from gateway.tunnels.setup import install_tunnels
 from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def _run(settings: GatewaySettings) -> None:
         jobs = SingletonJobs(LeaderElection(engine))
         runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher, jobs=jobs)
         jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
+        install_tunnels(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
 
         listener = StatusListener(endpoint, engine, runtime.topics)
         listener.start()

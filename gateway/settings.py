@@ -57,6 +57,28 @@ class GatewaySettings(BaseSettings):
     max_request_bytes: int = 64 * 1024
     provisioning_token_max_ttl: int = 30 * 24 * 3600
     status_sync_interval: float = 30.0
+    # Support tunnels. Exactly one replica runs the WireGuard hub (tunnel_hub); every replica
+    # serves the tunnel API and reads the hub's public side from the database.
+    tunnel_hub: bool = Field(
+        default=False, description="Run the WireGuard tunnel hub here (one replica per cluster)."
+    )
+    tunnel_endpoint: str | None = Field(
+        default=None,
+        description="HOST:PORT (UDP) that machines and engineers dial to reach the hub.",
+    )
+    tunnel_listen_port: int = Field(default=51820, gt=0, lt=65536)
+    tunnel_interface: str = Field(default="efhub0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+    tunnel_network: str = Field(
+        default="10.213.0.0/16", description="Pool of tunnel addresses (one /32 per peer)."
+    )
+    tunnel_mtu: int = Field(default=1280, ge=576, le=65535)
+    tunnel_max_ttl: int = Field(default=12 * 3600, gt=0, description="Longest tunnel, seconds.")
+    tunnel_open_timeout: float = Field(
+        default=20.0, gt=0, le=600, description="How long an open waits for the machine."
+    )
+    tunnel_quarantine: float = Field(
+        default=600.0, ge=0, description="Seconds before a released address is handed out again."
+    )
     replica_name: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_.-]{1,48}$",
@@ -101,6 +123,16 @@ class GatewaySettings(BaseSettings):
                 return int(text[:-1]) * units[text[-1]]
             if not text.isdigit():
                 raise ValueError(f"expected a duration such as 30d, 12h or 3600, not {value!r}")
+        return value
+
+    @field_validator("tunnel_endpoint")
+    @classmethod
+    def _check_tunnel_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, e.g. hub.example.com:51820, not {value!r}")
         return value
 
     @property

@@ -7,6 +7,7 @@ from sqlmodel import SQLModel
 
 import gateway.models  # registers the tables on SQLModel.metadata
 import gateway.telemetry.models  # noqa: F401  (the telemetry tables)
+from gateway.tunnels import models as tunnel_models  # noqa: F401  (support tunnels)
 
 connection = context.config.attributes["connection"]
 context.configure(
