@@ -125,7 +125,10 @@ class HubRunner:
                 len(open_now),
             )
         else:
-            self.hub.down()
+            try:
+                self.hub.down()
+            except WireGuardError as exc:  # stopping anyway; a restart adopts or replaces it
+                log.error("tunnel hub %s did not go down cleanly: %s", self.hub.interface, exc)
 
     def _claim(self) -> None:
         now = utcnow()
