@@ -423,6 +423,7 @@ def test_gateway_restart_keeps_tunnels_and_expiry_holds_on_both_sides(lab: Tunne
     assert short.tunnel["engineer_public_key"] not in hub_peers(lab)
     actions = [e["action"] for e in audit_actions(lab, lab.device_ids["dev1"])]
     assert "tunnel.expire" in actions
+    assert lab.api("GET", "/tunnels/pool")["in_use"] == 2  # only the lasting tunnel's pair
 
     lab.cli("eng2").run("tunnel", "close", lasting.tunnel["id"])
     for engineer in (short, lasting):
