@@ -32,6 +32,7 @@ from edge_agent.tunnel import (
     TunnelSession,
 )
 from provisioning.jwt_rules import Command
+from provisioning.wg import WireGuardError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,19 @@ class TunnelCommands:
 
     # ---- Component ------------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
-        self.endpoint.recover()
+        """Resume a session left by the previous agent process, or remove what is left of it.
+
+        A machine that never had a tunnel is not touched (it may have no nftables at all); one
+        whose owner has since turned tunnels off gets its session closed.
+        """
+        if not self.endpoint.state_dir.exists():
+            return
+        try:
+            session = self.endpoint.recover()
+            if session is not None and not self.endpoint.policy.allowed:
+                self.endpoint.close("support tunnels were turned off by the machine's owner")
+        except (WireGuardError, OSError) as exc:
+            log.error("support tunnel left from before could not be checked: %s", exc)
 
     def stop(self) -> None:
         # The session stays up across an agent restart (recover() resumes it); its expiry holds
