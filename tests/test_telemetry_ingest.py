@@ -335,6 +335,32 @@ def test_batches_nobody_subscribed_to_stay_in_the_outbox_until_the_gateway_is_th
     assert values == [float(v) for v in range(50)]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # about the broker, not the DB
+def test_a_backlog_beyond_mosquittos_old_queue_limit_waits_in_the_broker(
+    engine: Engine, tele_broker: MosquittoSupervisor
+) -> None:
+    """A replica that is away (or behind) has its share queued in the broker. 12,000 messages
+    with 100 in flight leaves 11,900 queued: past the 10,000 the broker was configured with
+    before, which dropped the rest even though every device had its PUBACK."""
+    device = _device_id()
+    endpoint = register(engine, tele_broker, device)
+    client_id = f"test-ingest-{uuid.uuid4().hex[:8]}"
+    with running_ingest(tele_broker, engine, client_id=client_id, forget=False):
+        pass  # subscribed with a persistent session, then gone
+    total = 12_000
+    with MqttProbe(endpoint, device) as pub:
+        pub.client.max_inflight_messages_set(500)
+        assert not pub.connect().is_failure
+        infos = [
+            pub.client.publish(_topic(device), numbered(seq, seq - 1, 1), qos=1)
+            for seq in range(1, total + 1)
+        ]
+        wait_for(lambda: all(i.is_published() for i in infos), 60, what="every PUBACK")
+    with running_ingest(tele_broker, engine, client_id=client_id, receive_maximum=100):
+        values = wait_values(engine, device, total, timeout=60)
+    assert values == [float(v) for v in range(total)]
+
+
 def test_retention_deletes_old_samples_and_keys_in_chunks(engine: Engine) -> None:
     device = _device_id()
     store = TelemetryStore(engine)

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -81,6 +81,7 @@ DEFAULT_MAX_MESSAGES: Final = 2_000
 _RETRY_FIRST: Final = 0.5
 _RETRY_MAX: Final = 30.0
 _IDLE_POLL: Final = 0.2
+_TOPIC_CACHE: Final = 100_000
 
 Committed = Callable[[WriteResult, float], None]
 T = TypeVar("T")
@@ -115,8 +116,7 @@ class IngestOptions:
     keepalive: int = 30
 
 
-@dataclass(frozen=True, slots=True)
-class _Received:
+class _Received(NamedTuple):  # a tuple: made for every message on paho's thread
     generation: int
     mid: int
     topic: str
@@ -143,6 +143,7 @@ class TelemetryIngest:
         self._store = TelemetryStore(engine)
         self._devices = ActiveDevices(engine, options.device_refresh)
         self._refusals = RefusalLog(log)
+        self._device_of: dict[str, str | None] = {}  # topic -> device id (None: not a device's)
         self._on_committed = on_committed
         self._queue: queue.SimpleQueue[_Received] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -294,11 +295,10 @@ class TelemetryIngest:
         refused: list[tuple[_Received, str, str, str]] = []
         opts = self.options
         for item in taken:
-            parsed = self._topics.parse(item.topic)
-            if parsed is None:
+            device_id = self._device(item.topic)
+            if device_id is None:
                 refused.append((item, item.topic[:120], UNKNOWN_DEVICE, "not a device topic"))
                 continue
-            device_id = parsed[0]
             try:
                 parsed_batch = parse_batch(
                     bytes(item.payload),
@@ -329,6 +329,19 @@ class TelemetryIngest:
                 return self._abandon(taken)
         self._ack(taken)
         return None
+
+    def _device(self, topic: str) -> str | None:
+        """The device a telemetry topic belongs to (remembered: topics repeat per device)."""
+        try:
+            return self._device_of[topic]
+        except KeyError:
+            pass
+        if len(self._device_of) >= _TOPIC_CACHE:
+            self._device_of.clear()
+        parsed = self._topics.parse(topic)
+        device_id = parsed[0] if parsed is not None and parsed[1] == "telemetry" else None
+        self._device_of[topic] = device_id
+        return device_id
 
     def _write(self, batches: list[IncomingBatch], now: float) -> WriteResult:
         started = time.perf_counter()
