@@ -103,6 +103,11 @@ class GatewaySettings(BaseSettings):
         le=65535,
         description="Unacknowledged telemetry messages the broker may send this replica at once.",
     )
+    telemetry_leave_on_stop: bool = Field(
+        default=False,
+        description="On a clean stop, leave the telemetry group for good (the broker then deals "
+        "this replica's share to the others) instead of keeping its session for a restart.",
+    )
 
     @field_validator("http")
     @classmethod

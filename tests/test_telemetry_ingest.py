@@ -37,6 +37,7 @@ from tests.support.telemetry import (
     numbered,
     register,
     running_ingest,
+    session_present,
     stored_values,
     wait_values,
 )
@@ -225,6 +226,26 @@ def test_two_ingests_share_the_stream(engine: Engine, tele_broker: MosquittoSupe
     assert got_a | got_b == set(range(1, 101))
     assert not got_a & got_b
     assert stored_values(engine, device) == [float(v) for v in range(100)]
+
+
+def test_a_replica_that_leaves_hands_its_share_to_the_others(
+    engine: Engine, tele_broker: MosquittoSupervisor
+) -> None:
+    """Stopped plainly, a replica keeps its session and the broker keeps dealing it a share;
+    stopped with ``leave`` it is out of the group: the others get everything."""
+    device = _device_id()
+    endpoint = register(engine, tele_broker, device)
+    leaving = f"test-ingest-{uuid.uuid4().hex[:8]}"
+    with running_ingest(tele_broker, engine) as (_stays, log):
+        with running_ingest(tele_broker, engine, client_id=leaving, forget=False, leave=True):
+            pass
+        assert not session_present(tele_broker.endpoint, leaving)
+        with MqttProbe(endpoint, device) as pub:
+            assert not pub.connect().is_failure
+            for seq in range(1, 41):
+                pub.client.publish(_topic(device), numbered(seq, seq - 1, 1), qos=1)
+            wait_values(engine, device, 40)
+    assert sorted(log.seqs(device)) == list(range(1, 41))
 
 
 class _Feeder:

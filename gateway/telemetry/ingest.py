@@ -82,6 +82,7 @@ _RETRY_FIRST: Final = 0.5
 _RETRY_MAX: Final = 30.0
 _IDLE_POLL: Final = 0.2
 _TOPIC_CACHE: Final = 100_000
+_LEAVE_QUIET: Final = 0.5
 
 Committed = Callable[[WriteResult, float], None]
 T = TypeVar("T")
@@ -151,6 +152,8 @@ class TelemetryIngest:
         # The generation is bumped by the network thread; acks read it under this lock, so no
         # ack of an old connection's packet id is queued once on_disconnect has returned.
         self._ack_lock = threading.Lock()
+        self._unsubscribed = threading.Event()
+        self._session_ended = False
         self._generation = 0
         self._received = 0  # network thread only
         self._settled = 0  # writer thread only: acknowledged, or left to the broker to resend
@@ -168,6 +171,7 @@ class TelemetryIngest:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         metrics.watch(self.outstanding, self._queue.qsize)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -192,18 +196,50 @@ class TelemetryIngest:
                 "telemetry ingest not connected to %s yet; it keeps trying", self._endpoint.url
             )
 
-    def stop(self) -> None:
+    def stop(self, leave: bool = False, timeout: float = 30.0) -> None:
         """Finish the write in progress (and acknowledge it), then disconnect.
 
-        Messages still queued are not acknowledged: they stay in the broker's session for this
-        client id and come back on the next start.
+        By default the session stays: messages still queued are not acknowledged, the broker
+        keeps them and this replica's further share for this client id, and they come back on
+        the next start (a restart loses nothing). With ``leave`` the replica leaves the group
+        for good: it unsubscribes, stores and acknowledges everything already sent to it, and
+        ends its session, so the broker deals its share to the other replicas from then on
+        (with none left, the broker answers "no matching subscribers" and the agents keep their
+        batches until a replica is back).
         """
+        if leave and self.connected:
+            self._leave(timeout)
         self._stopping.set()
         if self._writer.is_alive():
             self._writer.join()
-        self.client.disconnect()
+        if self._session_ended:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+            self.client.disconnect(properties=props)
+        else:
+            self.client.disconnect()
         self.client.loop_stop()
         self.metrics.connected.set(0)
+
+    def _leave(self, timeout: float) -> None:
+        topic = self._topics.shared("telemetry", self.options.group)
+        self._unsubscribed.clear()
+        self.client.unsubscribe(topic)
+        if not self._unsubscribed.wait(timeout):
+            log.warning("telemetry ingest: no UNSUBACK; stopping with the session kept")
+            return
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while time.monotonic() < deadline:  # until nothing new came for a moment and all is acked
+            if self._received == seen and self.outstanding() == 0:
+                self._session_ended = True
+                log.info("telemetry ingest %s left the group", self.options.client_id)
+                return
+            seen = self._received
+            time.sleep(_LEAVE_QUIET)
+        log.warning(
+            "telemetry ingest: still busy after %.0fs; stopping with the session kept", timeout
+        )
 
     @property
     def connected(self) -> bool:
@@ -245,6 +281,9 @@ class TelemetryIngest:
             return
         self._connected.set()
         self.metrics.connected.set(1)
+
+    def _on_unsubscribe(self, *_args: Any) -> None:
+        self._unsubscribed.set()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any

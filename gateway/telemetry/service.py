@@ -24,7 +24,7 @@ def start_telemetry(
     )
     ingest = TelemetryIngest(endpoint, runtime.engine, runtime.topics, options, metrics)
     ingest.start()
-    stack.callback(ingest.stop)
+    stack.callback(ingest.stop, leave=settings.telemetry_leave_on_stop)
     retention = RetentionJob(
         runtime.engine,
         settings.telemetry_retention,

@@ -100,6 +100,24 @@ def wait_values(
     )
 
 
+def session_present(endpoint: MqttEndpoint, client_id: str) -> bool:
+    """Does the broker hold a session for ``client_id``? (Asking leaves none behind.)"""
+    flags: list[bool] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    endpoint.configure(client)
+    client.on_connect = lambda _c, _u, f, _rc, _p: flags.append(bool(f.session_present))
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    client.connect(endpoint.host, endpoint.port, clean_start=False, properties=props)
+    client.loop_start()
+    try:
+        wait_for(lambda: flags, 10, what="CONNACK")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return flags[0]
+
+
 def forget_session(endpoint: MqttEndpoint, client_id: str) -> None:
     """Remove a persistent session: connect with clean start and expiry 0, then leave."""
     done = threading.Event()
@@ -142,6 +160,7 @@ def running_ingest(
     *,
     client_id: str | None = None,
     forget: bool = True,
+    leave: bool = False,
     registry: CollectorRegistry | None = None,
     **options: Any,
 ) -> Iterator[tuple[TelemetryIngest, CommitLog]]:
@@ -162,7 +181,7 @@ def running_ingest(
     try:
         yield ingest, log
     finally:
-        ingest.stop()
+        ingest.stop(leave=leave)
         if forget:
             forget_session(broker.endpoint, name)
 
