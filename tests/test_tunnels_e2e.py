@@ -103,6 +103,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelLab]:
         assert not [n for n in names if (UAPI_DIR / f"{n}.sock").exists()]
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_open(lab: TunnelLab) -> Iterator[None]:
+    """Whatever a test leaves open (it failed half-way) is closed before the next one."""
+    yield
+    if lab.gateway is None or not lab.gateway.running:
+        lab.start_gateway()
+    for tunnel in lab.api("GET", "/tunnels"):
+        lab.api("POST", f"/tunnels/{tunnel['id']}/close", json={"reason": "test cleanup"})
+
+
 # ----------------------------------------------------------------------------------- helpers
 
 
@@ -257,26 +267,25 @@ def test_engineer_reaches_only_the_allowed_ports_of_its_device_until_close(
     assert opened["engineer_public_key"] not in peers
     assert f"{opened['device_ip']}/32" not in {ip for p in peers.values() for ip in p.allowed_ips}
     assert opened["id"] not in hub_chains(lab) and other.tunnel["id"] in hub_chains(lab)
-    wait_for(lambda: device_side_gone(lab, "dev1"), 10, what="device 1's side removed")
-    assert wait_for(lambda: tunnel_row(lab, opened["id"])["device_closed_at"], 10)
+    wait_for(lambda: device_side_gone(lab, "dev1"), 20, what="device 1's side removed")
+    assert wait_for(lambda: tunnel_row(lab, opened["id"])["device_closed_at"], 20)
     (event,) = [
         e for e in audit_actions(lab, lab.device_ids["dev1"]) if e["action"] == "tunnel.close"
     ]
     assert event["detail"]["why"] == "fixed" and event["detail"]["bytes_from_device"] > 0
-    # Its two addresses come back after the quarantine, not before.
-    after = lab.api("GET", "/tunnels/pool")
-    assert after["in_use"] == before["in_use"] - 2 and after["quarantined"] >= 2
+    # Its two addresses leave the pool's use, and are free again once their quarantine is over
+    # (that they are not handed out before is proven with a long quarantine in the API tests).
+    assert lab.api("GET", "/tunnels/pool")["in_use"] == before["in_use"] - 2
     wait_for(
-        lambda: lab.api("GET", "/tunnels/pool")["quarantined"] == 0,
-        QUARANTINE + 5,
-        what="the quarantine to end",
+        lambda: lab.api("GET", "/tunnels/pool")["free"] == before["free"] + 2,
+        QUARANTINE + 10,
+        what="the addresses free after the quarantine",
     )
-    assert lab.api("GET", "/tunnels/pool")["free"] == after["free"] + 2
 
     eng.process.stop()
     lab.cli("eng2").run("tunnel", "close", other.tunnel["id"])
     other.process.stop()
-    wait_for(lambda: device_side_gone(lab, "dev2"), 10, what="device 2's side removed")
+    wait_for(lambda: device_side_gone(lab, "dev2"), 20, what="device 2's side removed")
     assert hub_peers(lab) == {} and hub_chains(lab) == set()
 
 
@@ -343,13 +352,13 @@ def test_owner_refusal_and_bad_commands_bring_nothing_up(lab: TunnelLab) -> None
         # A genuine open is run once; sent again (a replay) it is not run again.
         genuine = sign()
         assert not probe.publish(f"fleet/{device}/cmd", genuine).is_failure
-        wait_for(lambda: lab.agent_tunnel_up("dev1"), 10, what="the genuine open")
+        wait_for(lambda: lab.agent_tunnel_up("dev1"), 20, what="the genuine open")
         closing = sign(kind="tunnel.close", args={"tunnel_id": "t-injected", "reason": "test"})
         assert not probe.publish(f"fleet/{device}/cmd", closing).is_failure
-        wait_for(lambda: device_side_gone(lab, "dev1"), 10, what="the close")
+        wait_for(lambda: device_side_gone(lab, "dev1"), 20, what="the close")
         answered = len(replies())
         assert not probe.publish(f"fleet/{device}/cmd", genuine).is_failure
-        wait_for(lambda: len(replies()) > answered, 10, what="the replay answered")
+        wait_for(lambda: len(replies()) > answered, 20, what="the replay answered")
         assert "seen before" in lab.agents["dev1"].log_path.read_text()
         assert device_side_gone(lab, "dev1")
     finally:
