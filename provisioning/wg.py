@@ -389,7 +389,9 @@ def nft_list_table(
     try:
         out = run_command(["nft", "-j", "list", "table", family, table], netns=netns)
     except WgCommandError as exc:
-        if "No such file or directory" in exc.stderr:
+        # nft's own answer for a missing table; not a missing nft binary (exit 127 here, or
+        # `ip netns exec`'s 'exec of "nft" failed: No such file or directory').
+        if exc.stderr.startswith("Error: No such file or directory"):
             return None
         raise
     items: list[dict[str, Any]] = json.loads(out).get("nftables", [])

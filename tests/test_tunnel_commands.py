@@ -96,3 +96,14 @@ def test_agent_starts_without_the_tools_and_cleans_up_a_stale_session(
     (state / "tunnel-eftest0.json").write_text('{"session": {}, "public_key": "x"}')
     commands(tmp_path, TunnelPolicy()).start(agent=None)  # type: ignore[arg-type]
     assert not (state / "tunnel-eftest0.json").exists()
+
+
+def test_nft_missing_is_an_error_not_an_empty_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without nft on PATH, asking for a table must fail loudly, not say "no such table"."""
+    from provisioning.wg import WgCommandError, nft_list_table
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(WgCommandError, match="not installed"):
+        nft_list_table("inet", "edgefleet_anything")
