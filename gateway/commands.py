@@ -157,8 +157,10 @@ def apply_reply(
     if record is None or record.device_id != device_id:
         log.warning("reply from %s about unknown command %s ignored", device_id, reply.command_id)
         return None
-    if record.state in FINAL_STATES and reply.state not in FINAL_STATES:
-        return record  # a late progress message after the result: keep the result
+    if record.state in FINAL_STATES:
+        # The result is in. A late progress message, or the agent re-reporting the result of a
+        # command it got twice, changes nothing and must not run the hooks again.
+        return record
     record.state = reply.state
     record.detail = reply.detail
     if reply.data:
