@@ -76,6 +76,9 @@ def listen_socket(host: str, port: int, flag: str) -> socket.socket:
         raise StartupError(
             f"cannot listen on {host}:{port} ({exc.strerror}); choose another with {flag}"
         ) from exc
+    # Accepted connections inherit this. Without it every response waits out the client's
+    # delayed ACK: ~45 ms per request instead of ~1 ms (measured with httpx on loopback).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.listen(2048)  # listening at once: SO_REUSEADDR lets nobody else bind it now
     return sock
 
