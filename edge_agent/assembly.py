@@ -5,15 +5,21 @@ Each feature adds itself here (one place to see everything an agent does).
 
 from __future__ import annotations
 
+from edge_agent.deploy_handler import DeployHandler
 from edge_agent.runner import Agent, Component, Handler
 from edge_agent.settings import AgentSettings
+from edge_agent.state import AgentState
 from edge_agent.telemetry_component import TelemetryComponent
 from edge_agent.tunnel_handler import TunnelCommands
+from provisioning.deploy_command import DEPLOY_KIND
 
 
 def build_agent(settings: AgentSettings) -> Agent:
     handlers: dict[str, Handler] = {}
     components: list[Component] = []
+    deploy = DeployHandler.from_settings(settings, AgentState(settings.state_dir).load())
+    handlers[DEPLOY_KIND] = deploy
+    components.append(deploy)
     components.append(TelemetryComponent(settings))
     tunnels = TunnelCommands.from_settings(settings)
     handlers.update(tunnels.handlers())

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edgefleet import cmd_agent, cmd_gateway, cmd_operator, cmd_telemetry, cmd_tunnel
+from edgefleet import cmd_agent, cmd_flows, cmd_gateway, cmd_operator, cmd_telemetry, cmd_tunnel
 from edgefleet.output import CommandError
 
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_agent.register(sub)
     cmd_operator.register(sub)
     cmd_tunnel.register(sub)
+    cmd_flows.register(sub)
     cmd_telemetry.register(sub)
     return parser
 

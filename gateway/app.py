@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
 from gateway.api.routes_broker_hooks import router as broker_hooks_router
+from gateway.api.routes_flows import router as flows_router
 from gateway.api.routes_metrics import router as metrics_router
 from gateway.api.routes_registry import router as registry_router
 from gateway.api.routes_telemetry import router as telemetry_router
@@ -26,6 +27,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     app.include_router(registry_router)
     app.include_router(telemetry_router)
     app.include_router(metrics_router)
+    app.include_router(flows_router)
     app.include_router(tunnels_router)
     if runtime.settings.broker_kind == "emqx":
         app.include_router(broker_hooks_router)
@@ -36,5 +38,12 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         leader = runtime.jobs.is_leader if runtime.jobs is not None else False
         return {"status": "ok", "gateway_id": runtime.identity.gateway_id, "leader": leader}
 
-    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=runtime.settings.max_request_bytes,
+        overrides={
+            "/api/v1/flows/modules": runtime.settings.max_module_bytes,
+            "/api/v1/flows/releases": runtime.settings.max_release_request_bytes,
+        },
+    )
     return app

@@ -26,6 +26,7 @@ from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyListener
 from gateway.db import make_engine, migrate
+from gateway.flows.wiring import install_flow_pushes
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
 from gateway.runtime import GatewayRuntime
@@ -130,6 +131,7 @@ def _run(settings: GatewaySettings) -> None:
         jobs = SingletonJobs(LeaderElection(engine))
         runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher, jobs=jobs)
         jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
+        install_flow_pushes(runtime)  # before the reply listener: it stores deploy replies
         install_tunnels(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
 
         listener = StatusListener(endpoint, engine, runtime.topics)

@@ -79,6 +79,16 @@ class GatewaySettings(BaseSettings):
     tunnel_quarantine: float = Field(
         default=600.0, ge=0, description="Seconds before a released address is handed out again."
     )
+    rollout_interval: float = Field(
+        default=0.5, gt=0, description="How often the rollout scheduler advances deployments."
+    )
+    max_module_bytes: int = Field(
+        default=64 * 1024 * 1024, description="Largest node module tarball the cache accepts."
+    )
+    max_release_request_bytes: int = Field(
+        default=12 * 1024 * 1024,
+        description="Largest release upload (a 5 MB flows file, JSON-escaped, plus modules).",
+    )
     replica_name: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_.-]{1,48}$",

@@ -1,0 +1,18 @@
+"""Plugs flow pushes into a gateway: the `deploy` reply hook and the rollout scheduler job."""
+
+from __future__ import annotations
+
+from gateway.flows.replies import make_reply_hook
+from gateway.flows.scheduler import RolloutScheduler
+from gateway.runtime import GatewayRuntime
+from provisioning.deploy_command import DEPLOY_KIND
+
+
+def install_flow_pushes(runtime: GatewayRuntime) -> RolloutScheduler:
+    """Register the reply hook (every replica stores deploy replies) and add the scheduler to
+    the singleton jobs (only the leader sends waves). Call before the reply listener starts."""
+    runtime.hooks.register(DEPLOY_KIND, make_reply_hook())
+    scheduler = RolloutScheduler(runtime.engine, runtime.identity, runtime.command_publisher)
+    if runtime.jobs is not None:
+        runtime.jobs.add("rollouts", runtime.settings.rollout_interval, scheduler.run)
+    return scheduler
