@@ -77,7 +77,7 @@ def migrate(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "heads")  # features add their own branches off 0002
+        command.upgrade(cfg, "heads")
 
 
 @contextmanager
