@@ -71,7 +71,12 @@ def bench_add(workdir: Path, total: int) -> None:
 
 @contextmanager
 def mosquitto(workdir: Path) -> Iterator[int]:
-    """A plain local Mosquitto with persistence, on a free port; stopped and reaped after."""
+    """A plain local Mosquitto with persistence, on a free port; stopped and reaped after.
+
+    A consumer subscribed to the telemetry (``mosquitto_sub``, a process of its own) stands in
+    for the gateway: Mosquitto drops telemetry nobody subscribed to (PUBACK 0x10, "no matching
+    subscribers") and the sender keeps such batches, so without one nothing would drain.
+    """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
@@ -84,10 +89,22 @@ def mosquitto(workdir: Path) -> Iterator[int]:
     )
     with (workdir / "mosquitto.log").open("wb") as log:
         proc = subprocess.Popen(["mosquitto", "-c", str(config)], stdout=log, stderr=log)
+    consumer: subprocess.Popen[bytes] | None = None
     try:
         wait(lambda: _port_open(port), 10, "mosquitto to listen")
+        consumer_log = workdir / "consumer.log"
+        # line-buffered, so the SUBACK line shows up in its log at once
+        argv = ["stdbuf", "-oL", "mosquitto_sub", "-p", str(port), "-q", "1", "-d"]
+        with consumer_log.open("wb") as out:
+            consumer = subprocess.Popen(
+                [*argv, "-t", "fleet/+/telemetry"], stdout=out, stderr=subprocess.STDOUT
+            )
+        wait(lambda: b"SUBACK" in consumer_log.read_bytes(), 10, "the consumer's SUBACK")
         yield port
     finally:
+        if consumer is not None:
+            consumer.terminate()
+            consumer.wait(timeout=10)
         proc.terminate()
         proc.wait(timeout=10)
 
