@@ -382,6 +382,20 @@ def test_a_backlog_beyond_mosquittos_old_queue_limit_waits_in_the_broker(
     assert values == [float(v) for v in range(total)]
 
 
+def test_series_ids_survive_a_full_cache(engine: Engine) -> None:
+    """The series cache starts over when full; a write still finds every id it needs."""
+    device = _device_id()
+    store = TelemetryStore(engine, series_cache=3)
+    now = time.time()
+    for seq in range(1, 6):  # each batch: 2 metrics, one new each time -> the cache overflows
+        names = [f"m{seq}", f"m{seq + 1}"]
+        store.write([IncomingBatch(device, seq, [Sample(n, now, float(seq)) for n in names])], now)
+    assert len(store.series) <= 3
+    with engine.connect() as conn:
+        latest = {x.metric: x.value for x in queries.latest(conn, device)}
+    assert latest == {"m1": 1.0, "m2": 2.0, "m3": 3.0, "m4": 4.0, "m5": 5.0, "m6": 5.0}
+
+
 def test_retention_deletes_old_samples_and_keys_in_chunks(engine: Engine) -> None:
     device = _device_id()
     store = TelemetryStore(engine)

@@ -101,10 +101,12 @@ class SeriesIds:
     def resolve(self, keys: Iterable[SeriesKey]) -> dict[SeriesKey, int]:
         """The ids of ``keys`` (all of them: missing series are created and committed)."""
         known = self._known
-        missing = {key for key in keys if key not in known}
+        wanted = set(keys)
+        missing = {key for key in wanted if key not in known}
         if missing:
             if len(known) + len(missing) > self._max:
-                known.clear()
+                known.clear()  # start over, but keep what this call needs
+                missing = wanted
             known.update(self._load(missing))
         return known
 
