@@ -63,6 +63,11 @@ class WgCommandError(WireGuardError):
             f"{self.stderr or '(no message)'}"
         )
 
+    @property
+    def tool_missing(self) -> bool:
+        """The tool itself is not installed (directly, or under `ip netns exec`)."""
+        return self.returncode == 127 or self.stderr.startswith("exec of ")
+
 
 class WgKeyError(ValueError):
     """A text that should be a WireGuard key is not one."""

@@ -16,7 +16,13 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any
 
-from provisioning.wg import check_interface_name, nft_apply, nft_delete_table, nft_list_table
+from provisioning.wg import (
+    WgCommandError,
+    check_interface_name,
+    nft_apply,
+    nft_delete_table,
+    nft_list_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +104,19 @@ class AgentFirewall:
         )
 
     def installed(self) -> bool:
-        """Whether this interface's table exists."""
-        return nft_list_table(FAMILY, self.table, netns=self.netns) is not None
+        """Whether this interface's table exists (on a machine without nft: it cannot)."""
+        try:
+            return nft_list_table(FAMILY, self.table, netns=self.netns) is not None
+        except WgCommandError as exc:
+            if exc.tool_missing:
+                return False
+            raise
 
     def remove(self) -> bool:
-        """Delete the table; False if it was not there."""
-        return nft_delete_table(FAMILY, self.table, netns=self.netns)
+        """Delete the table; False if it was not there (or nft is not even installed)."""
+        try:
+            return nft_delete_table(FAMILY, self.table, netns=self.netns)
+        except WgCommandError as exc:
+            if exc.tool_missing:
+                return False
+            raise
