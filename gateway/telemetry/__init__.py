@@ -1,6 +1,6 @@
 """Telemetry on the gateway: ingest from MQTT, storage, queries, retention and metrics.
 
-- `models`: the two tables (batch keys and samples), SQLAlchemy Core on ``SQLModel.metadata``;
+- `models`: the tables (batch keys, series, samples), SQLAlchemy Core on ``SQLModel.metadata``;
 - `store`: bulk writes, exactly once per ``(device, seq)``;
 - `ingest`: the shared-subscription consumer that acknowledges only what is committed;
 - `active_devices`: which device ids may send (a small cache of the registry);
