@@ -306,6 +306,8 @@ class RunResult:
     gateway_rss_mb: float
     broker_cpu: float
     harness_cpu: float
+    node_red_cpu: float
+    node_red_rss_mb: float
     failures: dict[str, int]
 
     def line(self) -> str:
@@ -317,6 +319,11 @@ class RunResult:
             f"p50 {statistics.median(pd):.2f} s, p95 {p95:.2f} s, max {pd[-1]:.2f} s)  "
             f"gateway CPU {self.gateway_cpu:5.1f} s, peak RSS {self.gateway_rss_mb:5.0f} MB; "
             f"mosquitto CPU {self.broker_cpu:4.1f} s; agents' harness CPU {self.harness_cpu:5.1f} s"
+            + (
+                f"; Node-REDs' CPU {self.node_red_cpu:4.1f} s, RSS {self.node_red_rss_mb:.0f} MB"
+                if self.node_red_rss_mb
+                else ""
+            )
         )
 
 
@@ -363,6 +370,7 @@ def run_one(
         log(f"[{count}] enrolled in {time.monotonic() - mark:.1f}s")
 
         node_reds: list[str | None] = [None] * count
+        node_red_pids: list[int] = []
         if real:
             log(f"[{count}] starting {count} real Node-RED processes")
             managers = [start_node_red(run_dir / f"node-red-{i:04d}") for i in range(count)]
@@ -371,7 +379,9 @@ def run_one(
             errors = []
             for index, (manager, future) in enumerate(zip(managers, futures, strict=True)):
                 try:
-                    node_reds[index] = future.result().url
+                    handle = future.result()
+                    node_reds[index] = handle.url
+                    node_red_pids.append(handle.pid)
                     stack.push(manager)  # stopped when the run ends
                 except Exception as exc:
                     errors.append(exc)
@@ -413,6 +423,7 @@ def run_one(
         cpu_before = _cpu(gateway_pid)
         broker_before = _cpu(broker_pid)
         harness_before = sum(_cpu(pid) for pid in harness_pids)
+        node_red_before = sum(_cpu(pid) for pid in node_red_pids)
         log(f"[{count}] pushing")
         with _Sampler(gateway_pid) as sampler:
             started = time.monotonic()
@@ -434,12 +445,15 @@ def run_one(
         gateway_cpu = _cpu(gateway_pid) - cpu_before
         broker_cpu = _cpu(broker_pid) - broker_before
         harness_cpu = sum(_cpu(pid) for pid in harness_pids) - harness_before
+        node_red_cpu = sum(_cpu(pid) for pid in node_red_pids) - node_red_before
+        node_red_rss = sum(psutil.Process(pid).memory_info().rss for pid in node_red_pids)
         final = http.get(f"/api/v1/deployments/{deployment['id']}").json()
-        errors: dict[str, int] = {}
+        error_counts: dict[str, int] = {}
         for device in final["devices"]:
             if device["error"]:
-                errors[device["error"][:160]] = errors.get(device["error"][:160], 0) + 1
-        for error, times in sorted(errors.items(), key=lambda item: -item[1])[:5]:
+                key = device["error"][:160]
+                error_counts[key] = error_counts.get(key, 0) + 1
+        for error, times in sorted(error_counts.items(), key=lambda item: -item[1])[:5]:
             log(f"[{count}] {times} device(s): {error}")
         while final["state"] == "running" and time.monotonic() - started < seconds + 30:
             time.sleep(0.2)  # the scheduler marks the deployment done at its next tick
@@ -456,6 +470,8 @@ def run_one(
             gateway_rss_mb=sampler.peak / 1e6,
             broker_cpu=broker_cpu,
             harness_cpu=harness_cpu,
+            node_red_cpu=node_red_cpu,
+            node_red_rss_mb=node_red_rss / 1e6,
             failures=failures,
         )
 

@@ -61,44 +61,59 @@ def _error_of(reply: Reply, state: str) -> str | None:
 
 
 def make_reply_hook() -> ReplyHook:
-    """The `deploy` reply hook (register it with `runtime.hooks.register(DEPLOY_KIND, ...)`)."""
+    """The `deploy` reply hook (register it with `runtime.hooks.register(DEPLOY_KIND, ...)`).
+
+    Each reply is one conditional UPDATE (no read first): this runs for every progress message
+    of every device, in the reply listener's single writer thread.
+    """
+    table: sa.Table = DeploymentDevice.__table__  # type: ignore[attr-defined]
+    final_states = sorted(FINAL_STATES)
 
     def on_deploy_reply(session: Session, record: CommandRecord, reply: Reply) -> None:
         mapped = device_state_of(reply.state)
         if record.ref is None or mapped is None:
             return
         state, final = mapped
-        row = session.get(DeploymentDevice, (record.ref, record.device_id))
-        if row is None:
-            log.warning("deploy reply for %s/%s: no such record", record.ref, record.device_id)
-            return
-        if row.command_id not in (None, record.id):
-            return  # about another command than the one this record follows
         now = utcnow()
-        values: dict[str, Any] = {"command_id": record.id, "updated_at": now}
+        where = [
+            table.c.deployment_id == record.ref,
+            table.c.device_id == record.device_id,
+            # about the command this record follows (or before the gateway noted its id)
+            sa.or_(table.c.command_id.is_(None), table.c.command_id == record.id),
+        ]
+        values: dict[str, Any] = {
+            "command_id": record.id,
+            "updated_at": now,
+            "state": state,
+            "started_at": sa.func.coalesce(table.c.started_at, now),
+        }
         if not final:
-            if row.state in FINAL_STATES:
-                return
-            values["state"] = state
-            values["started_at"] = row.started_at or now
+            where.append(table.c.state.not_in(final_states))
         else:
             error = _error_of(reply, state)
-            if row.state in FINAL_STATES and row.state != state:
-                note = f"reported after the gateway had marked it {row.state}"
-                error = f"{error} ({note})" if error else note
+            overridden = sa.and_(table.c.state.in_(final_states), table.c.state != state)
+            note = sa.literal(" (reported after the gateway had marked it ") + table.c.state + ")"
+            if error is None:
+                values["error"] = sa.case(
+                    (
+                        overridden,
+                        sa.literal("reported after the gateway had marked it ") + table.c.state,
+                    ),
+                    else_=sa.null(),
+                )
+            else:
+                values["error"] = sa.case((overridden, sa.literal(error) + note), else_=error)
             rev = reply.data.get("rev")
-            values.update(
-                state=state,
-                error=error,
-                finished_at=now,
-                started_at=row.started_at or now,
-                rev=str(rev)[:64] if isinstance(rev, str) else row.rev,
+            if isinstance(rev, str):
+                values["rev"] = rev[:64]
+            values["finished_at"] = now
+        result = session.execute(sa.update(table).where(*where).values(**values))
+        if not result.rowcount:  # type: ignore[attr-defined]
+            log.debug(
+                "deploy reply %s for %s/%s changed nothing",
+                reply.state,
+                record.ref,
+                record.device_id,
             )
-        table = DeploymentDevice.__table__  # type: ignore[attr-defined]
-        session.execute(
-            sa.update(table)
-            .where(table.c.deployment_id == row.deployment_id, table.c.device_id == row.device_id)
-            .values(**values)
-        )
 
     return on_deploy_reply

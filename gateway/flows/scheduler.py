@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 UNSENT_GRACE: Final = timedelta(seconds=60)
 _NOT_CONNECTED: Final = "not connected"
+_COMMAND_ID_BATCH: Final = 100
 
 
 class TickReport:
@@ -315,30 +316,52 @@ class RolloutScheduler:
         )
         args = self._args(session, deployment)
         order = [device_id for device_id, _ in sorted(claimed, key=lambda row: row[1])]
-        for index, device_id in enumerate(order):
-            try:
-                record = commands.issue(
-                    session,
-                    identity=self._identity,
-                    publisher=publisher,
-                    device_id=device_id,
-                    kind=DEPLOY_KIND,
-                    args=args,
-                    lifetime=deployment.timeout_seconds,
-                    actor=deployment.created_by,
-                    ref=deployment.id,
+        issued: list[dict[str, str]] = []
+        try:
+            for index, device_id in enumerate(order):
+                try:
+                    record = commands.issue(
+                        session,
+                        identity=self._identity,
+                        publisher=publisher,
+                        device_id=device_id,
+                        kind=DEPLOY_KIND,
+                        args=args,
+                        lifetime=deployment.timeout_seconds,
+                        actor=deployment.created_by,
+                        ref=deployment.id,
+                    )
+                except Unavailable as exc:
+                    session.rollback()
+                    self._unsent(session, deployment.id, device_id, order[index + 1 :], exc, now)
+                    return
+                issued.append(
+                    {"b_deployment": deployment.id, "b_device": device_id, "b_id": record.id}
                 )
-            except Unavailable as exc:
-                session.rollback()
-                self._unsent(session, deployment.id, device_id, order[index + 1 :], exc, now)
-                return
-            session.execute(
-                sa.update(table)
-                .where(table.c.deployment_id == deployment.id, table.c.device_id == device_id)
-                .values(command_id=record.id)
+                report.sent.append(device_id)
+                if len(issued) >= _COMMAND_ID_BATCH:
+                    self._record_command_ids(session, issued)
+        finally:
+            self._record_command_ids(session, issued)
+
+    @staticmethod
+    def _record_command_ids(session: Session, issued: list[dict[str, str]]) -> None:
+        """Note which command each device got, in one transaction for many devices (a reply
+        that arrives first sets it too, so nothing waits for this)."""
+        if not issued:
+            return
+        table = _table(DeploymentDevice)
+        session.execute(
+            sa.update(table)
+            .where(
+                table.c.deployment_id == sa.bindparam("b_deployment"),
+                table.c.device_id == sa.bindparam("b_device"),
             )
-            session.commit()
-            report.sent.append(device_id)
+            .values(command_id=sa.bindparam("b_id")),
+            issued,
+        )
+        session.commit()
+        issued.clear()
 
     def _unsent(
         self,
