@@ -5,9 +5,9 @@ What runs, per fleet size:
   PostgreSQL database with `--db postgresql`), started fresh;
 - N enrolled machines, each the real edge agent (`edge_agent.assembly.build_agent`: its MQTT
   session, signed-command inbox, deploy handler, FlowDeployer, HTTP fetch of the bundle with its
-  own JWT). Agents run as threads inside harness processes (`--per-worker` each, about 100:
-  paho-mqtt's select() cannot watch file descriptors above 1023), because a thousand Python
-  interpreters would not fit beside the gateway on a 2-core machine;
+  own JWT). Agents run as threads inside harness processes (`--per-worker` each, 10 by default;
+  at most ~100, as paho-mqtt's select() cannot watch file descriptors above 1023): a process per
+  agent would cost a thousand interpreters beside the gateway on a 2-core machine;
 - a Node-RED for each agent: a real Node-RED from npm up to `--real-node-red-max` machines, above
   that a minimal stand-in for Node-RED's Admin API (GET/POST /flows with revs, GET /nodes, GET
   /flows/state, GET /settings), served by each harness process. The output says which.
@@ -488,9 +488,10 @@ def main() -> int:
     parser.add_argument(
         "--per-worker",
         type=int,
-        default=100,
-        help="agents per harness process (paho-mqtt uses select(), which cannot watch file "
-        "descriptors above 1023, and each agent holds several: keep this near 100)",
+        default=10,
+        help="agents per harness process: at most ~100 (paho-mqtt's select() cannot watch file "
+        "descriptors above 1023 and each agent holds several); fewer threads per process "
+        "contend less for the GIL (10: 1,000 agents in 100 processes, ~6 GB)",
     )
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--json", action="store_true", help="also print one JSON line per run")

@@ -11,6 +11,8 @@ last one left and says what it expects to change.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import signal
 import sqlite3
 import subprocess
@@ -341,6 +343,10 @@ def test_a_canary_failure_stops_the_rollout_before_the_second_wave(fleet: Fleet)
 
 def test_drift_on_the_machine_is_reported_and_overwritten_only_with_force(fleet: Fleet) -> None:
     machine = fleet.machines[1]
+    baseline = fleet.write_flows("before-drift", flows_for("before-drift"))
+    assert fleet.wait_done(fleet.push_json(baseline, "--to", machine.device_id)["id"])["state"] == (
+        "succeeded"
+    )  # the agent has deployed here, so it knows which rev it wrote
     edited = flows_for("edited-at-the-machine")
     set_flows(machine.node_red, edited)  # someone deploys from the editor on the machine
     path = fleet.write_flows("release-c", flows_for("release-c"))
@@ -351,9 +357,47 @@ def test_drift_on_the_machine_is_reported_and_overwritten_only_with_force(fleet:
     assert "changed on the machine" in device["error"] and "force" in device["error"]
     assert machine.flows() == edited
 
-    forced = fleet.wait_done(fleet.push_json(path, "--to", machine.device_id, "--force")["id"])
-    assert forced["state"] == "succeeded", forced
+    # Forced, and followed on a terminal: the live display redraws itself in place.
+    code, shown = run_on_terminal(
+        fleet, "flows", "push", path, "--to", machine.device_id, "--force"
+    )
+    assert code == 0, shown
+    assert "\x1b[" in shown and "F\x1b[J" in shown  # cursor up, clear below: a redraw
+    assert "succeeded 1" in shown
+    forced = fleet.deployment(shown.split()[1].rstrip(":"))
+    assert forced["state"] == "succeeded" and forced["force"] is True, forced
     assert machine.flows() == flows_for("release-c")
+
+
+def run_on_terminal(fleet: Fleet, *args: str | Path) -> tuple[int, str]:
+    """Run `edgefleet ARGS` with a pseudo-terminal as its stdout; (exit code, what it showed)."""
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [*edgefleet_command(), *(str(a) for a in args)],
+            env=clean_env(fleet.gateway.env()),
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    return done.returncode, b"".join(chunks).decode(errors="replace") + done.stderr.decode()
 
 
 def test_modules_install_from_the_gateways_cache_with_no_registry_reachable(
