@@ -14,7 +14,6 @@ import secrets
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Final
 
 import sqlalchemy as sa
@@ -244,49 +243,52 @@ def cancel_deployment(session: Session, deployment_id: str, actor: str) -> Deplo
 # ---- what agents may fetch ------------------------------------------------------------------
 
 
-def _check_usable(deployment: Deployment, row: DeploymentDevice, now: datetime) -> None:
-    if deployment.state == "cancelled" or row.state == "cancelled":
-        raise Gone(
-            "deployment_cancelled",
-            f"deployment {deployment.id} was cancelled; do not apply it",
-        )
-    if row.deadline_at is not None and now > row.deadline_at:
-        raise Gone(
-            "deployment_timed_out",
-            f"deployment {deployment.id} timed out for this device at "
-            f"{row.deadline_at.isoformat()}; do not apply it",
-        )
-
-
 def bundle_for_device(
     session: Session, device: Device, digest: str, deployment_id: str | None
 ) -> bytes:
     """The bundle of `digest`, if a deployment of that release targets `device`.
 
     With `deployment_id`, that deployment must be the one and still usable for this device
-    (not cancelled, not timed out), so a command delivered late is not applied.
+    (not cancelled, not timed out), so a command delivered late is not applied. One query:
+    every device of a rollout asks at about the same time.
     """
+    deployments = Deployment.__table__  # type: ignore[attr-defined]
+    targets = DeploymentDevice.__table__  # type: ignore[attr-defined]
+    release = FlowRelease.__table__  # type: ignore[attr-defined]
     query = (
-        select(Deployment, DeploymentDevice)
-        .join(DeploymentDevice, col(DeploymentDevice.deployment_id) == col(Deployment.id))
-        .where(
-            DeploymentDevice.device_id == device.id,
-            Deployment.release_digest == digest,
+        sa.select(
+            deployments.c.id,
+            deployments.c.state,
+            targets.c.state,
+            targets.c.deadline_at,
+            release.c.bundle,
         )
+        .join(targets, targets.c.deployment_id == deployments.c.id)
+        .join(release, release.c.digest == deployments.c.release_digest)
+        .where(targets.c.device_id == device.id, deployments.c.release_digest == digest)
+        .limit(1)
     )
     if deployment_id is not None:
-        query = query.where(Deployment.id == deployment_id)
-    found = list(session.exec(query))
-    if not found:
+        query = query.where(deployments.c.id == deployment_id)
+    found = session.execute(query).first()
+    if found is None:
         raise Forbidden(
             "not_targeted",
             f"no deployment of release {digest} targets device {device.id}",
         )
+    found_id, deployment_state, device_state, deadline, bundle = found
     if deployment_id is not None:
-        _check_usable(*found[0], utcnow())
-    release = session.get(FlowRelease, digest)
-    assert release is not None  # a foreign key of the deployment
-    return release.bundle
+        if "cancelled" in (deployment_state, device_state):
+            raise Gone(
+                "deployment_cancelled", f"deployment {found_id} was cancelled; do not apply it"
+            )
+        if deadline is not None and utcnow() > deadline:
+            raise Gone(
+                "deployment_timed_out",
+                f"deployment {found_id} timed out for this device at {deadline.isoformat()}; "
+                "do not apply it",
+            )
+    return bytes(bundle)
 
 
 def module_for_device(session: Session, device: Device, sha256: str) -> FlowModule:
