@@ -200,7 +200,7 @@ def _harness(specs: list[AgentSpec], ready: Any, stop: EventType) -> None:
     threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 300
     for agent in agents:
         while not agent.connected.wait(1.0) and time.monotonic() < deadline:
             if stop.is_set():
@@ -413,7 +413,10 @@ def run_one(
         connected = sum(ready.get(timeout=1800) for _ in harnesses)
         log(f"[{count}] {connected} agents connected in {time.monotonic() - mark:.1f}s")
         if connected != count:
-            raise RuntimeError(f"only {connected} of {count} agents connected")
+            raise RuntimeError(
+                f"only {connected} of {count} agents connected; look for 'removed stale broker "
+                f"credentials' in {gateway.log_path} (an enrollment racing the credential sync)"
+            )
 
         flows = _bench_flows(f"bench-{count}-{uuid.uuid4().hex[:6]}")
         release = http.post("/api/v1/flows/releases", json={"flows_json": json.dumps(flows)}).json()
