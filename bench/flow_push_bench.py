@@ -16,7 +16,14 @@ Measured: wall time from the push to the last device succeeded (the scheduler se
 the bundle over HTTP, deploy, verify, report), per-device time from command sent to result
 (p50/p95/max), the gateway's CPU seconds and peak RSS over the push (and its Mosquitto's).
 
+With ``--replicas N`` (PostgreSQL only) the gateway is N `edgefleet gateway run` replicas on one
+fresh database and one Mosquitto of their own (the cluster layout, as in tests/test_cluster.py):
+the leader's scheduler sends the commands, each agent fetches its bundle from the replica it was
+enrolled against (round robin, as behind a load balancer), and the replies are split between
+the replicas by the shared subscription. CPU is then the replicas' sum, RSS the largest.
+
 Run from the repository root:  python -m bench.flow_push_bench [--agents 10,100,1000]
+                               python -m bench.flow_push_bench --db postgresql --replicas 3
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ from edge_agent.state import AgentState
 from provisioning import keys
 from provisioning.bundles import CORE_NODE_TYPES
 from provisioning.wire import EnrollResponse
+from tests.support.cluster import gateway_cluster
 from tests.support.gateway_process import GatewayProcess
+from tests.support.mosquitto import running_broker
 from tests.support.node_red import start_node_red
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -243,9 +252,13 @@ class _Sampler:
         self._thread.start()
         return self
 
-    def __exit__(self, *_exc: object) -> None:
+    def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def _cpu(pid: int) -> float:
@@ -253,7 +266,9 @@ def _cpu(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def _enroll(http: httpx.Client, token: str, root: Path, count: int) -> list[str]:
+def _enroll(http: httpx.Client, token: str, root: Path, count: int, urls: list[str]) -> list[str]:
+    """Enroll `count` machines through `http`; machine i talks to ``urls[i % len(urls)]``."""
+
     def one(index: int) -> str:
         key = keys.generate_private_key()
         response = http.post(
@@ -268,7 +283,7 @@ def _enroll(http: httpx.Client, token: str, root: Path, count: int) -> list[str]
         state = AgentState(root / f"agent-{index:04d}")
         state.directory.mkdir(parents=True)
         keys.write_private_key(state.key_path, key)
-        state.save(str(http.base_url).rstrip("/"), EnrollResponse.model_validate(response.json()))
+        state.save(urls[index % len(urls)], EnrollResponse.model_validate(response.json()))
         return str(state.directory)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -299,6 +314,7 @@ class RunResult:
     agents: int
     node_red: str
     database: str
+    replicas: int
     seconds: float
     state: str
     per_device: list[float]
@@ -315,9 +331,11 @@ class RunResult:
         p95 = pd[min(len(pd) - 1, round(0.95 * (len(pd) - 1)))]
         return (
             f"{self.agents:>5} agents  {self.node_red:<28} {self.database:<10} "
+            f"{'' if self.replicas == 0 else f'x{self.replicas} replicas  '}"
             f"push->all succeeded {self.seconds:6.2f} s  ({self.state}; per device sent->result "
             f"p50 {statistics.median(pd):.2f} s, p95 {p95:.2f} s, max {pd[-1]:.2f} s)  "
-            f"gateway CPU {self.gateway_cpu:5.1f} s, peak RSS {self.gateway_rss_mb:5.0f} MB; "
+            f"gateway CPU {self.gateway_cpu:5.1f} s, peak RSS {self.gateway_rss_mb:5.0f} MB"
+            f"{' (largest replica)' if self.replicas > 1 else ''}; "
             f"mosquitto CPU {self.broker_cpu:4.1f} s; agents' harness CPU {self.harness_cpu:5.1f} s"
             + (
                 f"; Node-REDs' CPU {self.node_red_cpu:4.1f} s, RSS {self.node_red_rss_mb:.0f} MB"
@@ -327,8 +345,29 @@ class RunResult:
         )
 
 
+def _start_gateways(
+    stack: contextlib.ExitStack, run_dir: Path, extra: list[str], replicas: int
+) -> tuple[list[GatewayProcess], int]:
+    """The gateway side and the pid of its broker: one gateway with its own Mosquitto
+    (``replicas == 0``), or N replicas on one Mosquitto started here."""
+    if replicas == 0:
+        gateway = GatewayProcess(run_dir / "gateway", extra_args=extra)
+        gateway.start(timeout=60)
+        stack.callback(gateway.stop, check=False)
+        return [gateway], gateway.broker_pid()
+    broker = stack.enter_context(running_broker(run_dir / "broker"))
+    cluster = stack.enter_context(gateway_cluster(run_dir, extra[1], broker, size=replicas))
+    return cluster.replicas, broker.pid or 0
+
+
 def run_one(
-    count: int, real_max: int, per_worker: int, database: str, root: Path, log: Any
+    count: int,
+    real_max: int,
+    per_worker: int,
+    database: str,
+    root: Path,
+    log: Any,
+    replicas: int = 0,
 ) -> RunResult:
     real = count <= real_max
     extra: list[str] = []
@@ -351,9 +390,8 @@ def run_one(
                     conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
 
             stack.callback(drop)
-        gateway = GatewayProcess(run_dir / "gateway", extra_args=extra)
-        gateway.start(timeout=60)
-        stack.callback(gateway.stop, check=False)
+        gateways, broker_pid = _start_gateways(stack, run_dir, extra, replicas)
+        gateway = gateways[0]
         http = stack.enter_context(
             httpx.Client(
                 base_url=gateway.url,
@@ -366,7 +404,7 @@ def run_one(
         ).json()["token"]
         log(f"[{count}] enrolling {count} machines")
         mark = time.monotonic()
-        state_dirs = _enroll(http, token, run_dir, count)
+        state_dirs = _enroll(http, token, run_dir, count, [g.url for g in gateways])
         log(f"[{count}] enrolled in {time.monotonic() - mark:.1f}s")
 
         node_reds: list[str | None] = [None] * count
@@ -420,32 +458,33 @@ def run_one(
 
         flows = _bench_flows(f"bench-{count}-{uuid.uuid4().hex[:6]}")
         release = http.post("/api/v1/flows/releases", json={"flows_json": json.dumps(flows)}).json()
-        gateway_pid = gateway.proc.pid if gateway.proc else 0
-        broker_pid = gateway.broker_pid()
+        gateway_pids = [g.proc.pid for g in gateways if g.proc]
         harness_pids = [p.pid for p in harnesses if p.pid]
-        cpu_before = _cpu(gateway_pid)
+        cpu_before = sum(_cpu(pid) for pid in gateway_pids)
         broker_before = _cpu(broker_pid)
         harness_before = sum(_cpu(pid) for pid in harness_pids)
         node_red_before = sum(_cpu(pid) for pid in node_red_pids)
         log(f"[{count}] pushing")
-        with _Sampler(gateway_pid) as sampler:
-            started = time.monotonic()
-            deployment = http.post(
-                "/api/v1/deployments",
-                json={
-                    "release": release["digest"],
-                    "to": {"all": True},
-                    "timeout_seconds": 600,
-                    "max_failures": "100%",
-                },
-            ).json()
-            while True:
-                summary = http.get("/api/v1/deployments", params={"limit": 1}).json()[0]
-                if summary["counts"].get("succeeded", 0) == count or summary["state"] != "running":
-                    break
-                time.sleep(0.25)
-            seconds = time.monotonic() - started
-        gateway_cpu = _cpu(gateway_pid) - cpu_before
+        samplers = [stack.enter_context(_Sampler(pid)) for pid in gateway_pids]
+        started = time.monotonic()
+        deployment = http.post(
+            "/api/v1/deployments",
+            json={
+                "release": release["digest"],
+                "to": {"all": True},
+                "timeout_seconds": 600,
+                "max_failures": "100%",
+            },
+        ).json()
+        while True:
+            summary = http.get("/api/v1/deployments", params={"limit": 1}).json()[0]
+            if summary["counts"].get("succeeded", 0) == count or summary["state"] != "running":
+                break
+            time.sleep(0.25)
+        seconds = time.monotonic() - started
+        for sampler in samplers:
+            sampler.close()
+        gateway_cpu = sum(_cpu(pid) for pid in gateway_pids) - cpu_before
         broker_cpu = _cpu(broker_pid) - broker_before
         harness_cpu = sum(_cpu(pid) for pid in harness_pids) - harness_before
         node_red_cpu = sum(_cpu(pid) for pid in node_red_pids) - node_red_before
@@ -466,11 +505,12 @@ def run_one(
             agents=count,
             node_red=f"real Node-RED x{count}" if real else "Admin API stand-in",
             database=database,
+            replicas=replicas,
             seconds=seconds,
             state=final["state"],
             per_device=[d["seconds"] for d in final["devices"] if d["seconds"] is not None],
             gateway_cpu=gateway_cpu,
-            gateway_rss_mb=sampler.peak / 1e6,
+            gateway_rss_mb=max(sampler.peak for sampler in samplers) / 1e6,
             broker_cpu=broker_cpu,
             harness_cpu=harness_cpu,
             node_red_cpu=node_red_cpu,
@@ -497,8 +537,17 @@ def main() -> int:
         "contend less for the GIL (10: 1,000 agents in 100 processes, ~6 GB)",
     )
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--replicas",
+        default="0",
+        help="gateway replicas on PostgreSQL sharing one Mosquitto, comma-separated to compare "
+        "(e.g. 1,2,3); 0 (default): one gateway with its own supervised Mosquitto",
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON line per run")
     args = parser.parse_args()
+    replica_counts = [int(x) for x in args.replicas.split(",")]
+    if any(replica_counts) and args.db != "postgresql":
+        parser.error("--replicas needs --db postgresql (SQLite is one replica)")
     logging.basicConfig(level=logging.WARNING)
 
     def log(text: str) -> None:
@@ -506,12 +555,15 @@ def main() -> int:
 
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-flow-bench-") as tmp:
-        for count in (int(x) for x in args.agents.split(",")):
-            result = run_one(
-                count, args.real_node_red_max, args.per_worker, args.db, Path(tmp), log
-            )
-            results.append(result)
-            log(result.line())
+        for replicas in replica_counts:
+            for count in (int(x) for x in args.agents.split(",")):
+                run_root = Path(tmp) / f"replicas-{replicas}"
+                result = run_one(
+                    count, args.real_node_red_max, args.per_worker, args.db, run_root, log,
+                    replicas,
+                )  # fmt: skip
+                results.append(result)
+                log(result.line())
     print(
         f"flow push bench on {os.cpu_count()} CPU(s); agents are real edge agents (threads, "
         f"{args.per_worker} per harness process); Node-RED: real up to {args.real_node_red_max} "
