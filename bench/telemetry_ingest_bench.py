@@ -91,7 +91,7 @@ def run_ingest(args: argparse.Namespace) -> None:
         commits.append(at)
         counts["batches"] += len(result.stored)
         counts["samples"] += result.samples
-        latencies.extend(at - batch.samples[0].ts for batch in result.stored)
+        latencies.extend(at - batch.samples[0][1] for batch in result.stored)
 
     ingest = TelemetryIngest(
         endpoint_of(json.loads(args.endpoint)),
@@ -445,9 +445,7 @@ def conduct(args: argparse.Namespace) -> None:
             )
             for kind in kinds:
                 for batch, messages in plan.items():
-                    for replicas in (1, 2) if kind == "postgresql" else (1,):
-                        if replicas not in args.replicas:
-                            continue
+                    for replicas in args.replicas if kind == "postgresql" else [1]:
                         with database(kind, args.pg, workdir) as url:
                             result = measure(
                                 broker, devices_file, url, kind, batch, replicas, messages,
@@ -477,7 +475,13 @@ def main() -> None:
     parser.add_argument("--only", choices=["sqlite", "postgresql"])
     parser.add_argument("--pg", default=PG_DEFAULT, help="PostgreSQL server (admin URL)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100])
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="ingest replicas to compare on PostgreSQL, e.g. 1 2 3 (SQLite: always one)",
+    )
     # internal: the children
     parser.add_argument("--db")
     parser.add_argument("--endpoint")

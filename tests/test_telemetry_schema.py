@@ -75,7 +75,7 @@ def test_round_trip_keeps_order_and_values() -> None:
 def test_integers_are_numbers_and_come_out_as_floats() -> None:
     batch = parse(doc([{"m": "count", "t": int(NOW), "v": 3}]))
     assert batch.samples == [Sample("count", NOW, 3.0)]
-    assert type(batch.samples[0].value) is float
+    assert type(batch.samples[0][2]) is float
 
 
 def test_claimed_device_is_exposed_and_checked_against_the_topic() -> None:
@@ -171,7 +171,7 @@ def test_non_numeric(raw: bytes) -> None:
 
 
 def test_future_timestamp_respects_the_skew() -> None:
-    assert parse(doc([{"m": "temp", "t": NOW + 59, "v": 1.0}])).samples[0].ts == NOW + 59
+    assert parse(doc([{"m": "temp", "t": NOW + 59, "v": 1.0}])).samples[0][1] == NOW + 59
     error = rejected(doc([{"m": "ok", "t": NOW, "v": 1}, {"m": "temp", "t": NOW + 61, "v": 1}]))
     assert error.reason == FUTURE_TIMESTAMP
     assert "'temp'" in error.detail

@@ -135,7 +135,7 @@ class Subscriber:
         return [parse_batch(p, max_bytes=1 << 20, max_samples=10_000, now=1e10) for p in payloads]
 
     def values(self) -> set[int]:
-        return {int(s.value) for b in self.batches() for s in b.samples}
+        return {int(value) for b in self.batches() for _metric, _ts, value in b.samples}
 
     def close(self) -> None:
         self.client.disconnect()
@@ -224,7 +224,7 @@ def assert_delivery(observer: Subscriber, expected: int) -> dict[int, TelemetryB
         else:
             by_seq[batch.seq] = batch
             first_arrivals.append(batch.seq)
-    unique = [int(s.value) for seq in sorted(by_seq) for s in by_seq[seq].samples]
+    unique = [int(value) for seq in sorted(by_seq) for _m, _t, value in by_seq[seq].samples]
     assert unique == list(range(expected)), "each sample once, in order, across distinct seqs"
     assert first_arrivals == sorted(first_arrivals), "batches first arrived out of order"
     return by_seq

@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from gateway.telemetry.models import batches, samples, series
-from provisioning.telemetry import Sample
+from provisioning.telemetry import SampleRow
 
 _COPY_SAMPLES: Final = "COPY telemetry_samples (series_id, ts, value) FROM STDIN (FORMAT BINARY)"
 _COPY_TYPES: Final = ("int4", "float8", "float8")
@@ -57,7 +57,7 @@ class IncomingBatch:
 
     device_id: str
     seq: int
-    samples: Sequence[Sample]
+    samples: Sequence[SampleRow]
 
 
 @dataclass(frozen=True, slots=True)
