@@ -19,6 +19,9 @@ One tick, per running deployment:
    succeed, the deployment is `aborted`: the remaining waves are never sent;
 3. otherwise the lowest wave with pending devices is sent once every wave before it finished;
 4. when every device finished: `succeeded`, or `partial` if some did not succeed.
+
+A deployment's end (`succeeded`, `partial` or `aborted`) is audited as `flows.finish` in the
+transaction that ends it, so it is recorded once whichever leader ends it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from gateway import commands
+from gateway import audit, commands
 from gateway.commands import CommandPublisher
 from gateway.db import utcnow
 from gateway.errors import Unavailable
@@ -257,8 +260,19 @@ class RolloutScheduler:
             .where(table.c.id == deployment.id, table.c.state == RUNNING)  # a cancel wins
             .values(state=state, reason=reason, finished_at=now, updated_at=now)
         )
+        finished = bool(result.rowcount)  # type: ignore[attr-defined]
+        if finished:  # in the same transaction: the end is audited once, by whoever ended it
+            audit.record(
+                session,
+                "gateway",
+                "flows.finish",
+                deployment.id,
+                state=state,
+                reason=reason,
+                release=deployment.release_digest,
+            )
         session.commit()
-        if result.rowcount:  # type: ignore[attr-defined]
+        if finished:
             report.finished[deployment.id] = state
             log.info("deployment %s %s%s", deployment.id, state, f": {reason}" if reason else "")
 

@@ -42,16 +42,15 @@ def _healthz(replica: GatewayProcess) -> dict[str, object]:
         return {}
 
 
-@contextmanager
-def gateway_cluster(
-    tmp_path: Path, db_url: str, broker: MosquittoSupervisor, size: int = 3
-) -> Iterator[Cluster]:
+def replica_args(tmp_path: Path, db_url: str, broker: MosquittoSupervisor) -> list[str]:
+    """What every replica of one cluster is started with: the database, the broker (as the
+    gateway identity) and one signing key (made in `tmp_path` the first time)."""
     endpoint = broker.endpoint
     assert endpoint.username and endpoint.password and endpoint.ca_file
     signing_key = tmp_path / "signing-key.pem"
     keys.ensure_private_key(signing_key)
     mqtt_url = f"mqtts://{endpoint.username}:{endpoint.password}@{endpoint.host}:{endpoint.port}"
-    shared = [
+    return [
         "--db",
         db_url,
         "--mqtt-url",
@@ -61,6 +60,13 @@ def gateway_cluster(
         "--signing-key",
         str(signing_key),
     ]
+
+
+@contextmanager
+def gateway_cluster(
+    tmp_path: Path, db_url: str, broker: MosquittoSupervisor, size: int = 3
+) -> Iterator[Cluster]:
+    shared = replica_args(tmp_path, db_url, broker)
     with ExitStack() as stack:
         replicas = []
         for n in range(size):

@@ -1,0 +1,766 @@
+"""A cluster losing its leader, end to end: three real `edgefleet gateway run` replicas on one
+PostgreSQL database and one Mosquitto, real agents beside real Node-REDs, a real WireGuard hub.
+
+    replica 0, replica 1   this host's network namespace; replica 0 starts first and leads
+    hub replica            `--tunnel-hub`, in its own namespace (its wireguard-go, nftables);
+                           PostgreSQL over its Unix socket, the broker through a relay
+    press-1..3             `edgefleet agent run` beside its own Node-RED, on this host
+    tunnel device          `edgefleet agent run --allow-tunnels` in its own namespace, joined
+                           to the hub's by a veth; the broker through a relay
+
+Machines and operators reach the replicas through a small TCP load balancer (`Relay`) that skips
+a replica that does not answer, as the one in front of a real cluster would. The singleton jobs
+(rollout scheduler, tunnel reaper) run on the leader, the holder of a PostgreSQL advisory lock; a
+test kills it with SIGKILL at a chosen moment and checks that another replica finishes the job
+and that nothing is done twice. A replica killed by one test is started again (same data
+directory, so the same MQTT session) before the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.db import make_engine
+from gateway.models import CommandRecord
+from gateway.settings import GatewaySettings
+from gateway.telemetry.models import batches
+from gateway.tunnel.firewall import HubFirewall
+from provisioning.wg import UAPI_DIR, generate_keypair, run_command, wg_show_dump
+from tests.conftest import fresh_pg_database
+from tests.support.cluster import Cluster, replica_args
+from tests.support.gateway_process import (
+    GatewayProcess,
+    clean_env,
+    edgefleet_command,
+    run_edgefleet,
+    wait_until,
+)
+from tests.support.mosquitto import running_broker
+from tests.support.netns import NetLab, leftover_namespaces, missing_requirements, ns_socket
+from tests.support.node_red import NodeRedHandle, get_flows, start_node_red
+from tests.support.telemetry import stored_values
+from tests.support.tunnel_lab import Process
+from tests.support.waiting import free_port, wait_for
+
+_REASON = missing_requirements()
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.netns,
+    pytest.mark.nodered,
+    pytest.mark.skipif(_REASON is not None, reason=f"netns test: {_REASON}"),
+]
+
+T = TypeVar("T")
+PUBLIC_IP = "203.0.113.1"  # the hub's address, on its namespace's loopback
+HUB_PORT = 51820
+TUNNEL_NETWORK = "10.213.9.0/28"
+TUNNEL_TTL = 6  # seconds
+EXPIRY_BOUND = 4.0  # how late an expiry may be when the leader died at that moment
+DEVICE_PORT = 8080
+SAMPLES = 300  # numbered samples per machine in the ingest test
+PER_POST = 10
+
+# ---------------------------------------------------------------------------- the plumbing
+
+Where = tuple[str | None, str, int]  # (network namespace, None: this process's; host; port)
+
+
+def _socket_in(netns: str | None) -> socket.socket:
+    if netns is None:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return ns_socket(netns)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Relay:
+    """A TCP relay run by threads of this process: listens at `listen` and joins each client to
+    the first of `targets` that accepts, starting one further along each time (with several
+    targets, a round-robin load balancer that skips a dead one). A socket stays in the network
+    namespace it was made in, so a relay can reach across namespaces."""
+
+    def __init__(self, listen: Where, targets: Sequence[Where]) -> None:
+        netns, host, port = listen
+        self.targets = list(targets)
+        self._lock = threading.Lock()
+        self._turn = 0
+        self._conns: list[socket.socket] = []
+        self._listener = _socket_in(netns)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, port))
+        self._listener.listen(128)
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, name=f"relay-{self.port}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._join, args=(client,), daemon=True).start()
+
+    def _join(self, client: socket.socket) -> None:
+        with self._lock:
+            first, self._turn = self._turn, self._turn + 1
+            self._conns.append(client)
+        for index in range(len(self.targets)):
+            netns, host, port = self.targets[(first + index) % len(self.targets)]
+            upstream = _socket_in(netns)
+            with self._lock:
+                self._conns.append(upstream)
+            upstream.settimeout(2)
+            try:
+                upstream.connect((host, port))
+            except OSError:
+                upstream.close()
+                continue
+            upstream.settimeout(None)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+            return
+        client.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def enter_all(stack: ExitStack, managers: Sequence[AbstractContextManager[T]]) -> list[T]:
+    """Enter context managers at once (each from its own thread: they mostly wait for a process
+    to come up); every one that was entered is exited with `stack`, also when another failed."""
+    results: list[T | None] = [None] * len(managers)
+    errors: list[BaseException] = []
+
+    def enter(index: int) -> None:
+        try:
+            results[index] = managers[index].__enter__()
+        except BaseException as exc:
+            errors.append(exc)
+            return
+        stack.push(managers[index].__exit__)
+
+    with ThreadPoolExecutor(len(managers)) as pool:
+        list(pool.map(enter, range(len(managers))))
+    if errors:
+        raise errors[0]
+    return [r for r in results if r is not None]
+
+
+def at(text: str) -> float:
+    """Unix time of an ISO timestamp from the API."""
+    moment = datetime.fromisoformat(text)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+class Replica(GatewayProcess):
+    """`edgefleet gateway run` on the cluster's database, optionally in a network namespace
+    (whose loopback this host reaches through a relay on the same port)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        extra_args: Sequence[str],
+        *,
+        http_port: int | None = None,
+        netns: str | None = None,
+    ) -> None:
+        super().__init__(data_dir, http_port=http_port, extra_args=extra_args)
+        self.netns = netns
+
+    @property
+    def argv(self) -> list[str]:
+        argv = super().argv
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def again(self) -> Replica:
+        """A new process for this replica: same data directory, port and arguments."""
+        return Replica(self.data_dir, self.extra_args, http_port=self.http_port, netns=self.netns)
+
+    def kill9(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.stop(check=False)  # closes the log; nothing else is left of it
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(f"edgefleet_telemetry_{name} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def logged(self, text: str) -> int:
+        return self.log_text().count(text)
+
+
+class Machine:
+    """`edgefleet agent run` beside its own Node-RED, with its telemetry intake on a free port."""
+
+    def __init__(self, name: str, state_dir: Path, node_red: NodeRedHandle) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.node_red = node_red
+        self.intake_port = free_port()
+        self.log_path = state_dir.parent / f"{name}-agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.device_id = ""
+
+    def start(self) -> None:
+        env = {
+            "EDGEFLEET_AGENT_TELEMETRY_INTAKE_PORT": str(self.intake_port),
+            "EDGEFLEET_AGENT_HOST_METRICS_INTERVAL": "0",
+            "EDGEFLEET_AGENT_OUTBOX_BATCH_SIZE": str(PER_POST),
+            "EDGEFLEET_AGENT_MAX_RECONNECT_DELAY": "2",
+        }
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [
+                *edgefleet_command(),
+                "agent",
+                "run",
+                "--state-dir",
+                str(self.state_dir),
+                "--node-red",
+                self.node_red.url,
+                "--log-level",
+                "debug",
+            ],
+            env=clean_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def connected(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent {self.name} exited:\n{self.log_tail()}")
+        return "connected to the broker (session present" in self.log_text()
+
+    def pause(self) -> None:
+        """SIGSTOP: a machine that is slow to act on what it is sent."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def post(self, values: range) -> None:
+        response = httpx.post(
+            f"http://127.0.0.1:{self.intake_port}/telemetry",
+            json={"samples": [{"m": "n", "v": float(v)} for v in values]},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+
+    def flows_started(self) -> int:
+        """How often Node-RED (re)started its flows: once per deploy it took."""
+        return self.node_red.log_path.read_text(errors="replace").count("Started flows")
+
+    def commands_received(self, kind: str) -> int:
+        """Commands of this kind in the agent's own command log (what reached the machine)."""
+        return received(self.state_dir, kind)
+
+
+def received(state_dir: Path, kind: str) -> int:
+    with contextlib.closing(sqlite3.connect(state_dir / "commands.db")) as db:
+        row = db.execute("SELECT count(*) FROM commands WHERE kind = ?", (kind,)).fetchone()
+        return int(row[0])
+
+
+class Lab:
+    """The whole cluster; see the module's docstring."""
+
+    def __init__(self, tmp: Path, db_url: str, broker: MosquittoSupervisor, net: NetLab) -> None:
+        self.tmp = tmp
+        self.db_url = db_url
+        self.broker = broker
+        self.net = net
+        self.engine: Engine = make_engine(GatewaySettings(db_url=db_url).database_url)
+        self.replicas: list[Replica] = []
+        self.cluster = Cluster(self.replicas, broker)  # sees replicas replaced in this list
+        self.relays: list[Relay] = []
+        self.machines: list[Machine] = []
+        self.tunnel_agent: Process | None = None
+        self.tunnel_device = ""
+        self.tunnel_state = tmp / "tunnel-device"
+        self.hub_interface = net.ifname("hub")
+        self.agent_interface = net.ifname("dev")
+        self.lb_port = free_port()
+        self.url = f"http://127.0.0.1:{self.lb_port}"
+        self.admin_token = ""
+
+    # ---- building it ------------------------------------------------------------------------
+    def build_network(self) -> None:
+        net = self.net
+        for role in ("hub", "dev"):
+            net.add_namespace(role)
+        link = net.connect("hub", "dev")
+        run_command(["ip", "address", "add", f"{PUBLIC_IP}/32", "dev", "lo"], netns=net.ns("hub"))
+        route = ["ip", "route", "add", f"{PUBLIC_IP}/32", "via", str(link.a_ip)]
+        run_command(route, netns=net.ns("dev"))
+        # The broker (and, for the device, the load balancer) at the same loopback address and
+        # port inside the namespaces as here: the addresses the gateway hands out work there.
+        for role in ("hub", "dev"):
+            self.relays.append(
+                Relay(
+                    (net.ns(role), "127.0.0.1", self.broker.port),
+                    [(None, "127.0.0.1", self.broker.port)],
+                )
+            )
+        self.relays.append(
+            Relay((net.ns("dev"), "127.0.0.1", self.lb_port), [(None, "127.0.0.1", self.lb_port)])
+        )
+
+    def replica(self, index: int, *, hub: bool = False) -> Replica:
+        args = replica_args(self.tmp, self.db_url, self.broker)
+        if not hub:
+            return Replica(self.tmp / f"replica-{index}", args)
+        # PostgreSQL listens on this host's loopback; its Unix socket reaches any namespace.
+        database = self.db_url.rsplit("/", 1)[1]
+        args[args.index("--db") + 1] = f"postgresql://postgres@/{database}?host=/var/run/postgresql"
+        args += [
+            "--tunnel-hub",
+            "--tunnel-endpoint",
+            f"{PUBLIC_IP}:{HUB_PORT}",
+            "--tunnel-listen-port",
+            str(HUB_PORT),
+            "--tunnel-interface",
+            self.hub_interface,
+            "--tunnel-network",
+            TUNNEL_NETWORK,
+        ]
+        replica = Replica(self.tmp / f"replica-{index}", args, netns=self.net.ns("hub"))
+        # Its HTTP port, inside its namespace, at the same port here.
+        target = (self.net.ns("hub"), "127.0.0.1", replica.http_port)
+        self.relays.append(Relay((None, "127.0.0.1", replica.http_port), [target]))
+        return replica
+
+    def start_load_balancer(self) -> None:
+        targets: list[Where] = [(None, "127.0.0.1", r.http_port) for r in self.replicas]
+        self.relays.append(Relay((None, "127.0.0.1", self.lb_port), targets))
+
+    def enroll(self, name: str, state_dir: Path, token: str) -> str:
+        done = run_edgefleet(
+            "agent", "enroll", "--gateway", self.url, "--token", token, "--name", name,
+            "--state-dir", state_dir, "--json",
+        )  # fmt: skip
+        return str(json.loads(done.stdout)["device_id"])
+
+    def start_tunnel_agent(self) -> None:
+        argv = [
+            *edgefleet_command(),
+            "agent",
+            "run",
+            "--state-dir",
+            str(self.tunnel_state),
+            "--node-red",
+            "http://127.0.0.1:1",
+            "--allow-tunnels",
+            "--tunnel-port",
+            str(DEVICE_PORT),
+            "--tunnel-interface",
+            self.agent_interface,
+            "--log-level",
+            "debug",
+        ]
+        env = {
+            "EDGEFLEET_AGENT_MAX_RECONNECT_DELAY": "2",
+            "EDGEFLEET_AGENT_HOST_METRICS_INTERVAL": "0",
+        }
+        log = self.tmp / "tunnel-device-agent.log"
+        self.tunnel_agent = Process(self.net.ns("dev"), argv, log, env=env).start()
+
+    def tunnel_agent_connected(self) -> bool:
+        assert self.tunnel_agent is not None
+        self.tunnel_agent.check_running()
+        text = self.tunnel_agent.log_path.read_text(errors="replace")
+        return "connected to the broker (session present" in text
+
+    # ---- using it ---------------------------------------------------------------------------
+    @property
+    def hub(self) -> Replica:
+        return next(r for r in self.replicas if r.netns is not None)
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The HTTP API through the load balancer, as the admin."""
+        response = httpx.request(
+            method,
+            f"{self.url}/api/v1{path}",
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            timeout=30,
+            **kwargs,
+        )
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    def wait(self, condition: Callable[[], T | None], what: str, timeout: float = 20) -> T:
+        """`wait_until` whose failure shows every replica's and agent's log."""
+        return wait_until(condition, what, *self.replicas, *self.machines, timeout=timeout)
+
+    def ensure_running(self) -> None:
+        """Start again any replica a test killed (same data directory, same MQTT session)."""
+        for index, replica in enumerate(self.replicas):
+            if not replica.running:
+                replica.stop(check=False)
+                self.replicas[index] = replica.again().start()
+        self.cluster.wait_for_leader()
+
+    def leader_not_the_hub(self) -> Replica:
+        """The leader, made to be a replica other than the hub's if need be (the hub is restarted
+        gracefully: it resigns and another replica takes the lock)."""
+        leader = self.cluster.wait_for_leader()
+        if leader is self.hub:
+            index = self.replicas.index(leader)
+            leader.stop()
+            wait_for(
+                lambda: self.cluster.leader(), timeout=10, what="a leader after the hub resigned"
+            )
+            self.replicas[index] = leader.again().start()
+            leader = self.cluster.wait_for_leader()
+        assert isinstance(leader, Replica) and leader is not self.hub
+        return leader
+
+    def commands(self, ref: str, kind: str) -> list[str]:
+        """Device ids of the stored commands of `kind` about `ref`, one entry per command."""
+        table = CommandRecord.__table__  # type: ignore[attr-defined]
+        query = sa.select(table.c.device_id).where(table.c.ref == ref, table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def audit(self, target: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = self.api("GET", "/audit", params={"target": target})
+        return events
+
+    def since(self, metric: str, before: Sequence[float]) -> list[float]:
+        """How much each replica's telemetry counter grew since `before`."""
+        now = [r.metric(metric) for r in self.replicas]
+        return [n - b for n, b in zip(now, before, strict=True)]
+
+    def batches_stored(self, device_ids: Sequence[str]) -> int:
+        query = sa.select(sa.func.count()).where(batches.c.device_id.in_(list(device_ids)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, pg_template: str) -> Iterator[Lab]:
+    tmp = tmp_path_factory.mktemp("cluster-failover")
+    net = NetLab()
+    with ExitStack() as stack:
+        stack.callback(lambda: assert_nothing_left(net))
+        stack.callback(net.close)
+        db_url = stack.enter_context(fresh_pg_database(pg_template))
+        broker = stack.enter_context(running_broker())
+        built = Lab(tmp, db_url, broker, net)
+        stack.callback(built.engine.dispose)
+
+        def close_relays() -> None:
+            for relay in built.relays:
+                relay.close()
+
+        stack.callback(close_relays)
+        built.build_network()
+        # Replica 0 first: it takes the leader lock before the hub's replica exists.
+        first = stack.enter_context(built.replica(0))
+        built.replicas.append(first)
+        built.admin_token = first.admin_token
+        assert built.cluster.wait_for_leader() is first
+        others = [built.replica(1), built.replica(2, hub=True)]
+        node_reds = [start_node_red(tmp / f"node-red-{n}") for n in range(3)]
+        started = enter_all(stack, [*others, *node_reds])
+        built.replicas += [r for r in started if isinstance(r, Replica)]
+        stack.callback(lambda: [r.stop(check=False) for r in built.replicas])
+        built.start_load_balancer()
+
+        token = built.api("POST", "/provisioning-tokens", json={"uses": 4})["token"]
+        built.machines = [
+            Machine(f"press-{n + 1}", tmp / f"press-{n + 1}", handle)
+            for n, handle in enumerate(r for r in started if isinstance(r, NodeRedHandle))
+        ]
+        to_enroll = [(m.name, m.state_dir) for m in built.machines]
+        to_enroll.append(("tunnel-device", built.tunnel_state))
+        with ThreadPoolExecutor(len(to_enroll)) as pool:
+            *ids, built.tunnel_device = pool.map(lambda e: built.enroll(*e, token), to_enroll)
+        for machine, device_id in zip(built.machines, ids, strict=True):
+            machine.device_id = device_id
+            stack.callback(machine.stop)
+            machine.start()
+        built.start_tunnel_agent()
+        stack.callback(lambda: built.tunnel_agent.stop() if built.tunnel_agent else None)
+        for machine in built.machines:
+            built.wait(machine.connected, f"{machine.name} connected")
+        built.wait(built.tunnel_agent_connected, "the tunnel device connected")
+        yield built
+
+
+def assert_nothing_left(net: NetLab) -> None:
+    assert leftover_namespaces(net.prefix) == []
+    assert not [n for n in net.wg_names if (UAPI_DIR / f"{n}.sock").exists()]
+
+
+@pytest.fixture(autouse=True)
+def three_replicas(lab: Lab) -> Lab:
+    """Each test starts with all three replicas running and a leader among them."""
+    lab.ensure_running()
+    assert all(r.running for r in lab.replicas) and len(lab.replicas) == 3
+    return lab
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_ingest_is_shared_by_the_three_replicas_and_stores_every_sample_once(lab: Lab) -> None:
+    devices = [m.device_id for m in lab.machines]
+    stored_before = [r.metric("batches_stored_total") for r in lab.replicas]
+    received_before = [r.metric("messages_received_total") for r in lab.replicas]
+    rows_before = lab.batches_stored(devices)
+
+    def stream(machine: Machine) -> None:
+        for first in range(0, SAMPLES, PER_POST):
+            machine.post(range(first, first + PER_POST))
+
+    with ThreadPoolExecutor(len(lab.machines)) as pool:
+        list(pool.map(stream, lab.machines))  # raises what a post raised
+
+    def all_stored() -> bool:
+        return all(len(stored_values(lab.engine, d)) >= SAMPLES for d in devices)
+
+    def shares() -> list[float] | None:
+        share = lab.since("batches_stored_total", stored_before)
+        return share if sum(share) == lab.batches_stored(devices) - rows_before else None
+
+    lab.wait(all_stored, f"{SAMPLES} samples of each machine stored")
+    # Every replica committed a share, and the shares add up to the stored batches: each batch
+    # was written by exactly one replica.
+    share = lab.wait(shares, "the replicas' counters to add up to the stored batches")
+    assert all(n > 0 for n in share), f"a replica got no share: {share}"
+    assert sum(share) >= len(devices) * SAMPLES // PER_POST, share  # batches hold <= PER_POST
+    # Split, not copied: the broker gave each message to one replica only.
+    got = lab.since("messages_received_total", received_before)
+    assert got == share, f"messages received {got}, batches stored {share}"
+    # The stream is complete and unique: every numbered sample exactly once.
+    for device in devices:
+        assert stored_values(lab.engine, device) == [float(v) for v in range(SAMPLES)], device
+
+
+def test_tunnel_expires_on_time_and_once_when_the_leader_dies_at_its_end(lab: Lab) -> None:
+    leader = lab.leader_not_the_hub()
+    hub = lab.hub
+    before_close = received(lab.tunnel_state, "tunnel.close")
+    engineer = generate_keypair()
+    opened = lab.api(
+        "POST",
+        "/tunnels",
+        json={
+            "device_id": lab.tunnel_device,
+            "ports": [DEVICE_PORT],
+            "ttl_seconds": TUNNEL_TTL,
+            "reason": "cluster failover test",
+            "engineer_public_key": engineer.public_key,
+        },
+    )
+    tunnel_id, expires_at = opened["id"], at(opened["expires_at"])
+    assert opened["state"] == "open", opened  # the device's WireGuard is up, the hub saw it
+    assert expires_at - time.time() > 1.0, "the open took too long; nothing would be tested"
+    hub_ns = lab.net.ns("hub")
+    assert len(wg_show_dump(lab.hub_interface, netns=hub_ns).peers) == 2  # device + engineer
+    assert tunnel_id in HubFirewall(lab.hub_interface, netns=hub_ns).installed()
+
+    # The leader runs the tunnel reaper; it dies a moment before the tunnel's end, so the
+    # expiry falls in the failover and only another replica can do it.
+    wait_for(lambda: time.time() >= expires_at - 0.25, timeout=TUNNEL_TTL + 5, interval=0.01)
+    assert lab.api("GET", f"/tunnels/{tunnel_id}")["state"] == "open"
+    assert leader.running and lab.cluster.leader() is leader
+    leader.kill9()
+
+    successor = lab.cluster.wait_for_leader(timeout=10)
+    assert successor is not leader and successor.running
+    expired = lab.wait(
+        lambda: (t := lab.api("GET", f"/tunnels/{tunnel_id}"))["state"] == "expired" and t,
+        "the tunnel to expire",
+        timeout=15,
+    )
+    late = at(expired["closed_at"]) - expires_at
+    assert 0 <= late <= EXPIRY_BOUND, f"expired {late:.2f}s after its end"
+    assert expired["closed_by"] == "gateway"
+    assert f"reached the end of its {TUNNEL_TTL}s lifetime" in expired["close_reason"]
+    # The hub (a replica that stayed up) took its peers and rules off.
+    assert wg_show_dump(lab.hub_interface, netns=hub_ns).peers == {}
+    assert tunnel_id not in HubFirewall(lab.hub_interface, netns=hub_ns).installed()
+    assert hub.running
+
+    # Told to the device once, and confirmed by it.
+    confirmed = lab.wait(
+        lambda: (t := lab.api("GET", f"/tunnels/{tunnel_id}"))["device_closed_at"] and t,
+        "the device to confirm the close",
+    )
+    assert confirmed["state"] == "expired"
+    assert lab.commands(tunnel_id, "tunnel.close") == [lab.tunnel_device]
+    assert received(lab.tunnel_state, "tunnel.close") == before_close + 1
+    # One expiry in the audit log, and no other ending.
+    events = [e for e in lab.audit(lab.tunnel_device) if e["detail"].get("tunnel_id") == tunnel_id]
+    endings = [e["action"] for e in events if e["action"] in ("tunnel.expire", "tunnel.close")]
+    assert endings == ["tunnel.expire"], events
+    assert not leader.running
+
+
+FLOWS_LABEL = "cluster-failover"
+
+
+def flows_for(label: str) -> list[dict[str, Any]]:
+    tab = f"tab-{label}"
+    return [
+        {"id": tab, "type": "tab", "label": label, "disabled": False, "info": ""},
+        {
+            "id": f"inject-{label}",
+            "type": "inject",
+            "z": tab,
+            "name": label,
+            "props": [{"p": "payload"}],
+            "repeat": "",
+            "once": False,
+            "payload": label,
+            "payloadType": "str",
+            "x": 120,
+            "y": 40,
+            "wires": [[f"debug-{label}"]],
+        },
+        {"id": f"debug-{label}", "type": "debug", "z": tab, "x": 320, "y": 40, "wires": []},
+    ]
+
+
+def test_rollout_finishes_once_when_the_leader_dies_mid_wave(lab: Lab) -> None:
+    leader = lab.cluster.wait_for_leader()
+    assert isinstance(leader, Replica)
+    machines = {m.device_id: m for m in lab.machines}
+    started = {d: m.flows_started() for d, m in machines.items()}
+    deploys = {d: m.commands_received("deploy") for d, m in machines.items()}
+    flows = flows_for(FLOWS_LABEL)
+    release = lab.api("POST", "/flows/releases", json={"flows_json": json.dumps(flows)})
+    for machine in lab.machines:
+        machine.pause()
+    try:
+        deployment = lab.api(
+            "POST",
+            "/deployments",
+            json={
+                "release": release["digest"],
+                "to": {"devices": list(machines)},
+                "canary": "1",
+                "wave": "1",
+                "timeout_seconds": 60,
+            },
+        )
+        deployment_id = deployment["id"]
+        wave_of = {d["device_id"]: d["wave"] for d in deployment["devices"]}
+        assert sorted(wave_of.values()) == [0, 1, 2]
+        by_wave = {wave: machines[device] for device, wave in wave_of.items()}
+        by_wave[0].resume()  # the canary deploys; the next machine is sent its command but sits
+
+        def show() -> dict[str, Any]:
+            state: dict[str, Any] = lab.api("GET", f"/deployments/{deployment_id}")
+            return state
+
+        def device(state: dict[str, Any], wave: int) -> dict[str, Any]:
+            return next(d for d in state["devices"] if d["wave"] == wave)
+
+        mid = lab.wait(
+            lambda: (s := show()) and device(s, 1)["command_id"] and s,
+            "wave 2 of 3 sent",
+        )
+        # Mid-rollout: wave 1 done, wave 2 sent (and its command id noted), wave 3 pending.
+        assert [device(mid, w)["state"] for w in range(3)] == ["succeeded", "sent", "pending"]
+        assert mid["state"] == "running"
+        assert lab.cluster.leader() is leader
+        leader.kill9()
+    finally:
+        for machine in lab.machines:
+            machine.resume()
+
+    successor = lab.cluster.wait_for_leader(timeout=10)
+    assert successor is not leader
+    final = lab.wait(
+        lambda: (s := show())["state"] != "running" and s, "the deployment to end", timeout=30
+    )
+    assert final["state"] == "succeeded", final
+    assert final["counts"] == {"succeeded": 3}
+    # Each device was sent the release once: one command on the gateway's side, one received by
+    # the agent, one deploy taken by its Node-RED, whose flows are the release's.
+    assert lab.commands(deployment_id, "deploy") == sorted(machines)
+    for device_id, machine in machines.items():
+        assert machine.commands_received("deploy") == deploys[device_id] + 1, machine.name
+        assert machine.flows_started() == started[device_id] + 1, machine.name
+        assert get_flows(machine.node_red)[1] == flows, machine.name
+    # The leader that died sent waves 1 and 2; the successor sent wave 3 and ended it, once.
+    wave_line = f"deployment {deployment_id}: sending wave"
+    assert leader.logged(f"{wave_line} 2/3") == 1 and leader.logged(f"{wave_line} 3/3") == 0
+    alive = [r for r in lab.replicas if r.running]
+    assert [r.logged(f"{wave_line} 3/3") for r in alive].count(1) == 1
+    assert successor.logged(f"{wave_line} 3/3") == 1
+    actions = [e["action"] for e in lab.audit(deployment_id)]
+    assert sorted(actions) == ["flows.deploy", "flows.finish"], actions
+    finish = next(e for e in lab.audit(deployment_id) if e["action"] == "flows.finish")
+    assert finish["detail"]["state"] == "succeeded" and finish["actor"] == "gateway"
