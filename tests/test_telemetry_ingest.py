@@ -396,6 +396,19 @@ def test_series_ids_survive_a_full_cache(engine: Engine) -> None:
     assert latest == {"m1": 1.0, "m2": 2.0, "m3": 3.0, "m4": 4.0, "m5": 5.0, "m6": 5.0}
 
 
+def test_values_and_times_are_stored_bit_for_bit(engine: Engine) -> None:
+    """Extreme floats survive the write (on PostgreSQL: the hand-built binary COPY stream)."""
+    device = _device_id()
+    values = [0.0, -0.0, -3.5, 1e-300, 5e-324, 1.7976931348623157e308, 2.0**53 + 2, 0.1 + 0.2]
+    times = [1.0, 1_700_000_000.123456, 4_102_444_800.000001]
+    samples = [Sample(f"m{i}", times[i % 3], v) for i, v in enumerate(values)]
+    result = TelemetryStore(engine).write([IncomingBatch(device, 1, samples)], time.time())
+    assert result.samples == len(samples)
+    with engine.connect() as conn:
+        stored = {x.metric: (x.ts, x.value) for x in queries.latest(conn, device)}
+    assert stored == {m: (t, v) for m, t, v in samples}
+
+
 def test_retention_deletes_old_samples_and_keys_in_chunks(engine: Engine) -> None:
     device = _device_id()
     store = TelemetryStore(engine)
