@@ -39,20 +39,28 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from edge_agent.enroll import enroll
+from edge_agent.state import AgentState
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.db import make_engine
 from gateway.models import CommandRecord
 from gateway.settings import GatewaySettings
 from gateway.telemetry.models import batches
 from gateway.tunnel.firewall import HubFirewall
-from provisioning.wg import UAPI_DIR, generate_keypair, run_command, wg_show_dump
+from gateway.tunnels import reaper
+from provisioning.wg import (
+    UAPI_DIR,
+    generate_keypair,
+    link_exists,
+    run_command,
+    wg_show_dump,
+)
 from tests.conftest import fresh_pg_database
 from tests.support.cluster import Cluster, replica_args
 from tests.support.gateway_process import (
     GatewayProcess,
     clean_env,
     edgefleet_command,
-    run_edgefleet,
     wait_until,
 )
 from tests.support.mosquitto import running_broker
@@ -163,9 +171,13 @@ class Relay:
             sock.close()
 
 
-def enter_all(stack: ExitStack, managers: Sequence[AbstractContextManager[T]]) -> list[T]:
-    """Enter context managers at once (each from its own thread: they mostly wait for a process
-    to come up); every one that was entered is exited with `stack`, also when another failed."""
+def start_all(
+    stack: ExitStack, managers: Sequence[AbstractContextManager[T]]
+) -> Callable[[], list[T]]:
+    """Enter context managers at once, each from a thread of its own (they mostly wait for a
+    process to come up), and go on meanwhile; the function returned waits for them and gives
+    what they entered (or raises the first failure). `stack` exits every one that was entered,
+    also if the test never waited for them."""
     results: list[T | None] = [None] * len(managers)
     errors: list[BaseException] = []
 
@@ -174,14 +186,41 @@ def enter_all(stack: ExitStack, managers: Sequence[AbstractContextManager[T]]) -
             results[index] = managers[index].__enter__()
         except BaseException as exc:
             errors.append(exc)
-            return
-        stack.push(managers[index].__exit__)
 
-    with ThreadPoolExecutor(len(managers)) as pool:
-        list(pool.map(enter, range(len(managers))))
-    if errors:
-        raise errors[0]
-    return [r for r in results if r is not None]
+    threads = [threading.Thread(target=enter, args=(n,)) for n in range(len(managers))]
+    for thread in threads:
+        thread.start()
+
+    def join() -> None:
+        for thread in threads:
+            thread.join()
+
+    def exit_entered() -> None:
+        join()
+        for manager, result in reversed(list(zip(managers, results, strict=True))):
+            if result is not None:
+                manager.__exit__(None, None, None)
+
+    stack.callback(exit_entered)
+
+    def wait() -> list[T]:
+        join()
+        if errors:
+            raise errors[0]
+        return [r for r in results if r is not None]
+
+    return wait
+
+
+def stays(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether `condition` holds throughout the next `seconds`: a watch over something that must
+    not happen again (a second command), where there is no event to wait for."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(0.1)
+    return condition()
 
 
 def at(text: str) -> float:
@@ -403,11 +442,8 @@ class Lab:
         self.relays.append(Relay((None, "127.0.0.1", self.lb_port), targets))
 
     def enroll(self, name: str, state_dir: Path, token: str) -> str:
-        done = run_edgefleet(
-            "agent", "enroll", "--gateway", self.url, "--token", token, "--name", name,
-            "--state-dir", state_dir, "--json",
-        )  # fmt: skip
-        return str(json.loads(done.stdout)["device_id"])
+        """What `edgefleet agent enroll` does (through the load balancer), in this process."""
+        return enroll(self.url, token, AgentState(state_dir), name=name).device_id
 
     def start_tunnel_agent(self) -> None:
         argv = [
@@ -522,28 +558,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory, pg_template: str) -> Iterator[
                 relay.close()
 
         stack.callback(close_relays)
+        node_reds = start_all(stack, [start_node_red(tmp / f"node-red-{n}") for n in range(3)])
         built.build_network()
         # Replica 0 first: it takes the leader lock before the hub's replica exists.
         first = stack.enter_context(built.replica(0))
         built.replicas.append(first)
         built.admin_token = first.admin_token
         assert built.cluster.wait_for_leader() is first
-        others = [built.replica(1), built.replica(2, hub=True)]
-        node_reds = [start_node_red(tmp / f"node-red-{n}") for n in range(3)]
-        started = enter_all(stack, [*others, *node_reds])
-        built.replicas += [r for r in started if isinstance(r, Replica)]
+        built.replicas += start_all(stack, [built.replica(1), built.replica(2, hub=True)])()
         stack.callback(lambda: [r.stop(check=False) for r in built.replicas])
         built.start_load_balancer()
 
         token = built.api("POST", "/provisioning-tokens", json={"uses": 4})["token"]
-        built.machines = [
-            Machine(f"press-{n + 1}", tmp / f"press-{n + 1}", handle)
-            for n, handle in enumerate(r for r in started if isinstance(r, NodeRedHandle))
-        ]
-        to_enroll = [(m.name, m.state_dir) for m in built.machines]
+        to_enroll = [(f"press-{n}", tmp / f"press-{n}") for n in (1, 2, 3)]
         to_enroll.append(("tunnel-device", built.tunnel_state))
-        with ThreadPoolExecutor(len(to_enroll)) as pool:
-            *ids, built.tunnel_device = pool.map(lambda e: built.enroll(*e, token), to_enroll)
+        *ids, built.tunnel_device = [built.enroll(name, path, token) for name, path in to_enroll]
+        built.machines = [
+            Machine(name, path, handle)
+            for (name, path), handle in zip(to_enroll[:3], node_reds(), strict=True)
+        ]
         for machine, device_id in zip(built.machines, ids, strict=True):
             machine.device_id = device_id
             stack.callback(machine.stop)
@@ -629,12 +662,13 @@ def test_tunnel_expires_on_time_and_once_when_the_leader_dies_at_its_end(lab: La
     assert len(wg_show_dump(lab.hub_interface, netns=hub_ns).peers) == 2  # device + engineer
     assert tunnel_id in HubFirewall(lab.hub_interface, netns=hub_ns).installed()
 
-    # The leader runs the tunnel reaper; it dies a moment before the tunnel's end, so the
-    # expiry falls in the failover and only another replica can do it.
-    wait_for(lambda: time.time() >= expires_at - 0.25, timeout=TUNNEL_TTL + 5, interval=0.01)
-    assert lab.api("GET", f"/tunnels/{tunnel_id}")["state"] == "open"
-    assert leader.running and lab.cluster.leader() is leader
+    # The leader runs the tunnel reaper; it dies a moment before the tunnel's end (the reaper
+    # ends only tunnels whose end has passed), so the expiry falls in the failover and only
+    # another replica can do it.
+    assert lab.cluster.leader() is leader
+    wait_for(lambda: time.time() >= expires_at - 0.3, timeout=TUNNEL_TTL + 5, interval=0.01)
     leader.kill9()
+    assert time.time() < expires_at, "the leader was killed too late; nothing would be tested"
 
     successor = lab.cluster.wait_for_leader(timeout=10)
     assert successor is not leader and successor.running
@@ -658,8 +692,19 @@ def test_tunnel_expires_on_time_and_once_when_the_leader_dies_at_its_end(lab: La
         "the device to confirm the close",
     )
     assert confirmed["state"] == "expired"
-    assert lab.commands(tunnel_id, "tunnel.close") == [lab.tunnel_device]
-    assert received(lab.tunnel_state, "tunnel.close") == before_close + 1
+    assert not link_exists(lab.agent_interface, netns=lab.net.ns("dev"))  # its side is gone
+    # ... and not again: watched over two more runs of the (new) leader's reaper.
+    told_once = stays(
+        lambda: (
+            lab.commands(tunnel_id, "tunnel.close") == [lab.tunnel_device]
+            and received(lab.tunnel_state, "tunnel.close") == before_close + 1
+        ),
+        seconds=2 * reaper.INTERVAL + 0.5,
+    )
+    assert told_once, (
+        lab.commands(tunnel_id, "tunnel.close"),
+        received(lab.tunnel_state, "tunnel.close"),
+    )
     # One expiry in the audit log, and no other ending.
     events = [e for e in lab.audit(lab.tunnel_device) if e["detail"].get("tunnel_id") == tunnel_id]
     endings = [e["action"] for e in events if e["action"] in ("tunnel.expire", "tunnel.close")]
@@ -736,12 +781,15 @@ def test_rollout_finishes_once_when_the_leader_dies_mid_wave(lab: Lab) -> None:
         assert mid["state"] == "running"
         assert lab.cluster.leader() is leader
         leader.kill9()
+        # The machine acts on its command only once another replica leads: the successor
+        # inherits a wave in flight, which it must wait for, not send again.
+        successor = lab.cluster.wait_for_leader(timeout=10)
+        assert successor is not leader
+        assert show()["devices"] == mid["devices"]
     finally:
         for machine in lab.machines:
             machine.resume()
 
-    successor = lab.cluster.wait_for_leader(timeout=10)
-    assert successor is not leader
     final = lab.wait(
         lambda: (s := show())["state"] != "running" and s, "the deployment to end", timeout=30
     )
