@@ -36,7 +36,9 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -261,6 +263,34 @@ class _Sampler:
         self.close()
 
 
+def _profile_all(pids: list[int], count: int) -> list[subprocess.Popen[bytes]]:
+    """With BENCH_PROFILE_DIR set: py-spy samples each gateway process over the push (raw
+    collapsed stacks, one file per replica), to see where its CPU goes."""
+    where = os.environ.get("BENCH_PROFILE_DIR")
+    if not where:
+        return []
+    spy = str(Path(sys.executable).parent / "py-spy")
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "-r",
+                "100",
+                "-f",
+                "raw",
+                "-o",
+                str(Path(where) / f"flow-push-{count}-gateway-{n}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n, pid in enumerate(pids)
+    ]
+
+
 def _cpu(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
@@ -466,6 +496,7 @@ def run_one(
         node_red_before = sum(_cpu(pid) for pid in node_red_pids)
         log(f"[{count}] pushing")
         samplers = [stack.enter_context(_Sampler(pid)) for pid in gateway_pids]
+        spies = _profile_all(gateway_pids, count)
         started = time.monotonic()
         deployment = http.post(
             "/api/v1/deployments",
@@ -484,6 +515,9 @@ def run_one(
         seconds = time.monotonic() - started
         for sampler in samplers:
             sampler.close()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         gateway_cpu = sum(_cpu(pid) for pid in gateway_pids) - cpu_before
         broker_cpu = _cpu(broker_pid) - broker_before
         harness_cpu = sum(_cpu(pid) for pid in harness_pids) - harness_before

@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from gateway.broker.mqtt_url import MqttEndpoint
@@ -149,10 +150,11 @@ def issue(
 
 
 def apply_reply(
-    session: Session, device_id: str, reply: Reply, hooks: ReplyHooks
+    session: Session, device_id: str, reply: Reply, hooks: ReplyHooks, *, commit: bool = True
 ) -> CommandRecord | None:
     """Store one reply. The device is the one the topic names (the broker vouched for it); a reply
-    about another device's command is ignored."""
+    about another device's command is ignored. With ``commit=False`` the caller commits (the
+    reply listener stores many replies in one transaction)."""
     record = session.get(CommandRecord, reply.command_id)
     if record is None or record.device_id != device_id:
         log.warning("reply from %s about unknown command %s ignored", device_id, reply.command_id)
@@ -169,7 +171,8 @@ def apply_reply(
     session.add(record)
     for hook in hooks.for_kind(record.kind):
         hook(session, record, reply)
-    session.commit()
+    if commit:
+        session.commit()
     return record
 
 
@@ -179,7 +182,18 @@ def pending_for(session: Session, ref: str) -> list[CommandRecord]:
 
 
 class ReplyListener:
-    """Reads ``$share/gateway/{prefix}/+/reply`` and stores each reply off the network thread."""
+    """Reads ``$share/gateway/{prefix}/+/reply`` and stores the replies off the network thread.
+
+    The writer thread takes every reply queued meanwhile (up to `MAX_GROUP`) and stores them in
+    one transaction: a rollout to a thousand machines brings thousands of progress replies within
+    seconds, and a transaction each (a commit, on PostgreSQL a flush to disk) made this single
+    writer the bottleneck of a push (measured in bench/flow_push_bench.py). Replies of one command
+    in one group are applied in the order they arrived. If the group's transaction fails because
+    of one bad reply, the replies are stored one by one so the others still get in; if the
+    database is unreachable, the group is kept and tried again with backoff, nothing dropped.
+    """
+
+    MAX_GROUP = 500
 
     def __init__(
         self, endpoint: MqttEndpoint, engine: Engine, topics: Topics, hooks: ReplyHooks
@@ -201,6 +215,7 @@ class ReplyListener:
         self._client.on_message = self._on_message
         self._worker = threading.Thread(target=self._work, name="reply-writer", daemon=True)
         self._connected = threading.Event()
+        self._stopped = threading.Event()
         self.processed = 0  # replies handled (stored or refused), for metrics and tests
 
     def start(self, timeout: float = 10.0) -> None:
@@ -212,6 +227,7 @@ class ReplyListener:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+        self._stopped.set()  # ends a retry wait; replies already queued are still stored
         self._queue.put(None)
         self._worker.join(timeout=5)
 
@@ -227,22 +243,64 @@ class ReplyListener:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self._queue.put((msg.topic, bytes(msg.payload)))
 
+    def backlog(self) -> int:
+        """Replies received and waiting for the writer."""
+        return self._queue.qsize()
+
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            topic, payload = item
-            parsed = self._topics.parse(topic)
-            try:
-                if parsed is None:
-                    continue
-                reply = Reply.model_validate_json(payload)
-            except ValidationError as exc:
-                log.warning("malformed reply from %s: %s", topic, exc.errors()[:1])
-                self.processed += 1
+        stopping = False
+        while not stopping:
+            group: list[tuple[str, bytes]] = []
+            item = self._queue.get()
+            while item is not None:
+                group.append(item)
+                if len(group) >= self.MAX_GROUP:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stopping = item is None
+            if group:
+                self._store_group(self._parse(group))
+                self.processed += len(group)
+
+    def _parse(self, group: list[tuple[str, bytes]]) -> list[tuple[str, Reply]]:
+        """The well-formed replies of a group, with the device each one's topic names."""
+        parsed: list[tuple[str, Reply]] = []
+        for topic, payload in group:
+            where = self._topics.parse(topic)
+            if where is None:
                 continue
             try:
+                parsed.append((where[0], Reply.model_validate_json(payload)))
+            except ValidationError as exc:
+                log.warning("malformed reply from %s: %s", topic, exc.errors()[:1])
+        return parsed
+
+    def _store_group(self, replies: list[tuple[str, Reply]]) -> None:
+        delay = 0.5
+        while replies:
+            try:
                 with Session(self._engine, expire_on_commit=False) as session:
-                    apply_reply(session, parsed[0], reply, self._hooks)
+                    for device_id, reply in replies:
+                        apply_reply(session, device_id, reply, self._hooks, commit=False)
+                    session.commit()
+                return
+            except OperationalError as exc:  # the database is away: keep the group, try again
+                reason = str(exc.orig or exc).strip().splitlines()[0]
+                log.error(
+                    "cannot store %d replies (%s); retrying in %.1fs", len(replies), reason, delay
+                )
+                if self._stopped.wait(delay):
+                    log.error("stopping: %d replies not stored", len(replies))
+                    return
+                delay = min(30.0, delay * 2)
             except Exception:
-                log.exception("could not store a reply from %s", parsed[0])
-            finally:
-                self.processed += 1
+                if len(replies) == 1:
+                    log.exception("could not store a reply from %s", replies[0][0])
+                    return
+                log.warning("storing %d replies together failed; one by one", len(replies))
+                for single in replies:
+                    self._store_group([single])
+                return
