@@ -438,7 +438,9 @@ class Lab:
         return replica
 
     def start_load_balancer(self) -> None:
-        targets: list[Where] = [(None, "127.0.0.1", r.http_port) for r in self.replicas]
+        # Straight to each replica in its own namespace (not through the hub's relay, which
+        # accepts even when the replica behind it is down), so a dead replica is skipped.
+        targets: list[Where] = [(r.netns, "127.0.0.1", r.http_port) for r in self.replicas]
         self.relays.append(Relay((None, "127.0.0.1", self.lb_port), targets))
 
     def enroll(self, name: str, state_dir: Path, token: str) -> str:
