@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
+import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
@@ -93,14 +95,25 @@ class CommandPublisher:
         self._connected.clear()
 
     def publish(self, device_id: str, token: str) -> None:
+        if not self.publish_many([(device_id, token)])[0]:
+            raise Unavailable("broker_unavailable", "the broker did not acknowledge the command")
+
+    def publish_many(self, messages: Sequence[tuple[str, str]]) -> list[bool]:
+        """Publish ``(device_id, token)`` commands together, then wait for their PUBACKs.
+
+        Returns, per message, whether the broker confirmed it within the timeout (unconfirmed
+        ones may still arrive). Raises `Unavailable` when not connected: nothing was sent.
+        """
         if not self._connected.wait(self._timeout):
             raise Unavailable("broker_unavailable", "not connected to the broker; try again")
-        info = self._client.publish(self._topics.cmd(device_id), token, qos=1)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise Unavailable("broker_unavailable", f"publish failed: {mqtt.error_string(info.rc)}")
-        info.wait_for_publish(self._timeout)
-        if not info.is_published():
-            raise Unavailable("broker_unavailable", "the broker did not acknowledge the command")
+        infos = [self._client.publish(self._topics.cmd(d), token, qos=1) for d, token in messages]
+        deadline = time.monotonic() + self._timeout
+        confirmed = []
+        for info in infos:
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            confirmed.append(info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published())
+        return confirmed
 
 
 def issue(
@@ -115,38 +128,96 @@ def issue(
     actor: str,
     ref: str | None = None,
 ) -> CommandRecord:
-    """Sign, record and publish one command. The row is committed before the publish, so a reply
-    can never arrive for a command the database does not know."""
-    command_id, token = sign_command(
-        identity.private_key,
-        gateway_id=identity.gateway_id,
-        device_id=device_id,
+    """Sign, record and publish one command (see `issue_many`); raises `Unavailable` if the
+    broker is not connected or did not confirm it."""
+    [issued] = issue_many(
+        session,
+        identity=identity,
+        publisher=publisher,
+        device_ids=[device_id],
         kind=kind,
         args=args,
         lifetime=lifetime,
-    )
-    now = utcnow()
-    record = CommandRecord(
-        id=command_id,
-        device_id=device_id,
-        kind=kind,
-        args=dict(args),
-        state="queued",
-        created_at=now,
-        updated_at=now,
-        expires_at=now + timedelta(seconds=lifetime),
         actor=actor,
         ref=ref,
     )
-    session.add(record)
-    session.commit()
-    publisher.publish(device_id, token)
-    if record.state == "queued":
-        record.state = "sent"
-        record.updated_at = utcnow()
-        session.add(record)
-        session.commit()
+    if not issued.confirmed:
+        raise Unavailable("broker_unavailable", "the broker did not acknowledge the command")
+    record = session.get(CommandRecord, issued.command_id)
+    assert record is not None
     return record
+
+
+class Issued(NamedTuple):
+    device_id: str
+    command_id: str
+    confirmed: bool
+    """The broker acknowledged it (PUBACK) within the publisher's timeout."""
+
+
+def issue_many(
+    session: Session,
+    *,
+    identity: GatewayIdentity,
+    publisher: CommandPublisher,
+    device_ids: Sequence[str],
+    kind: str,
+    args: Mapping[str, Any],
+    lifetime: int,
+    actor: str,
+    ref: str | None = None,
+) -> list[Issued]:
+    """Sign, record and publish the same command to several devices, each its own signed token.
+
+    The rows are committed before anything is published, so a reply can never arrive for a
+    command the database does not know; then all are published at once and their PUBACKs
+    awaited together (a rollout's wave costs two commits and one broker round trip, not that
+    many per device). Returns, per device, its command id and whether the broker confirmed it;
+    confirmed commands are marked `sent`, the others stay `queued` (their reply or expiry
+    decides). Raises
+    `Unavailable` when the broker is not connected: the rows stay `queued`, nothing was sent.
+    """
+    now = utcnow()
+    records: list[CommandRecord] = []
+    tokens: list[tuple[str, str]] = []
+    for device_id in device_ids:
+        command_id, token = sign_command(
+            identity.private_key,
+            gateway_id=identity.gateway_id,
+            device_id=device_id,
+            kind=kind,
+            args=args,
+            lifetime=lifetime,
+        )
+        records.append(
+            CommandRecord(
+                id=command_id,
+                device_id=device_id,
+                kind=kind,
+                args=dict(args),
+                state="queued",
+                created_at=now,
+                updated_at=now,
+                expires_at=now + timedelta(seconds=lifetime),
+                actor=actor,
+                ref=ref,
+            )
+        )
+        tokens.append((device_id, token))
+    ids = [(record.device_id, record.id) for record in records]  # before the commit expires them
+    session.add_all(records)
+    session.commit()
+    confirmed = publisher.publish_many(tokens)
+    sent = [command_id for (_d, command_id), ok in zip(ids, confirmed, strict=True) if ok]
+    if sent:  # not where a reply came first and moved it on already
+        table: sa.Table = CommandRecord.__table__  # type: ignore[attr-defined]
+        session.execute(
+            sa.update(table)
+            .where(table.c.id.in_(sent), table.c.state == "queued")
+            .values(state="sent", updated_at=utcnow())
+        )
+        session.commit()
+    return [Issued(d, c, ok) for (d, c), ok in zip(ids, confirmed, strict=True)]
 
 
 def apply_reply(

@@ -490,6 +490,36 @@ def test_waves_go_out_one_after_another_and_the_deployment_succeeds(
     assert scheduler.tick().sent == []
 
 
+def test_a_wave_waits_while_the_broker_is_away_and_goes_out_when_it_is_back(
+    client: TestClient,
+    operator_headers: dict[str, str],
+    fleet: Fleet,
+    scheduler: RolloutScheduler,
+    runtime: GatewayRuntime,
+    publisher: CommandPublisher,
+    broker: MosquittoSupervisor,
+) -> None:
+    devices = fleet.enroll(3)
+    made = release(client, operator_headers, flows_json("broker-away"))
+    deployment = push(client, operator_headers, release=made["digest"], to={"all": True})
+    away = CommandPublisher(broker.endpoint, runtime.topics, timeout=0.2)  # never connected
+    runtime.publisher = away
+    assert scheduler.tick().sent == []
+    state = show(client, operator_headers, deployment["id"])
+    assert state["counts"] == {"pending": 3}  # the claims were undone: nothing was published
+    assert {c.state for c in deploy_commands(runtime)} == {"queued"}  # recorded, never sent
+
+    runtime.publisher = publisher
+    assert sorted(scheduler.tick().sent) == sorted(devices)
+    state = show(client, operator_headers, deployment["id"])
+    assert state["counts"] == {"sent": 3}
+    for device in devices:
+        sent = [c for c in deploy_commands(runtime, device) if c.state == "sent"]
+        assert [c.id for c in sent] == [device_record(state, device)["command_id"]]
+        fleet.finish(state, device)
+    assert scheduler.tick().finished == {deployment["id"]: "succeeded"}
+
+
 def test_a_canary_failure_stops_the_rollout_and_later_waves_never_get_a_command(
     client: TestClient,
     operator_headers: dict[str, str],

@@ -52,8 +52,10 @@ __all__ = ["RolloutScheduler", "TickReport"]
 log = logging.getLogger(__name__)
 
 UNSENT_GRACE: Final = timedelta(seconds=60)
-_NOT_CONNECTED: Final = "not connected"
-_COMMAND_ID_BATCH: Final = 100
+_SEND_CHUNK: Final = 200  # commands signed, recorded and published together
+_UNCONFIRMED: Final = (
+    "the broker did not confirm the command; waiting for the device's answer or the timeout"
+)
 
 
 class TickReport:
@@ -330,96 +332,85 @@ class RolloutScheduler:
         )
         args = self._args(session, deployment)
         order = [device_id for device_id, _ in sorted(claimed, key=lambda row: row[1])]
-        issued: list[dict[str, str]] = []
-        try:
-            for index, device_id in enumerate(order):
-                try:
-                    record = commands.issue(
-                        session,
-                        identity=self._identity,
-                        publisher=publisher,
-                        device_id=device_id,
-                        kind=DEPLOY_KIND,
-                        args=args,
-                        lifetime=deployment.timeout_seconds,
-                        actor=deployment.created_by,
-                        ref=deployment.id,
-                    )
-                except Unavailable as exc:
-                    session.rollback()
-                    self._unsent(session, deployment.id, device_id, order[index + 1 :], exc, now)
-                    return
-                issued.append(
-                    {"b_deployment": deployment.id, "b_device": device_id, "b_id": record.id}
+        for start in range(0, len(order), _SEND_CHUNK):
+            chunk = order[start : start + _SEND_CHUNK]
+            try:
+                issued = commands.issue_many(
+                    session,
+                    identity=self._identity,
+                    publisher=publisher,
+                    device_ids=chunk,
+                    kind=DEPLOY_KIND,
+                    args=args,
+                    lifetime=deployment.timeout_seconds,
+                    actor=deployment.created_by,
+                    ref=deployment.id,
                 )
-                report.sent.append(device_id)
-                if len(issued) >= _COMMAND_ID_BATCH:
-                    self._record_command_ids(session, issued)
-        finally:
-            self._record_command_ids(session, issued)
+            except Unavailable as exc:  # not connected: nothing of this chunk was published
+                session.rollback()
+                self._unsent(session, deployment.id, order[start:], exc, now)
+                return
+            self._record_command_ids(session, deployment.id, issued)
+            report.sent.extend(chunk)
 
     @staticmethod
-    def _record_command_ids(session: Session, issued: list[dict[str, str]]) -> None:
+    def _record_command_ids(
+        session: Session, deployment_id: str, issued: list[commands.Issued]
+    ) -> None:
         """Note which command each device got, in one transaction for many devices (a reply
-        that arrives first sets it too, so nothing waits for this)."""
-        if not issued:
-            return
+        that arrives first sets it too, so nothing waits for this). A command the broker did
+        not confirm keeps its device's claim, with a note: its result or its timeout decides."""
         table = _table(DeploymentDevice)
         session.execute(
             sa.update(table)
             .where(
-                table.c.deployment_id == sa.bindparam("b_deployment"),
+                table.c.deployment_id == deployment_id,
                 table.c.device_id == sa.bindparam("b_device"),
             )
-            .values(command_id=sa.bindparam("b_id")),
-            issued,
+            .values(command_id=sa.bindparam("b_id"), error=sa.bindparam("b_error")),
+            [
+                {
+                    "b_device": one.device_id,
+                    "b_id": one.command_id,
+                    "b_error": None if one.confirmed else _UNCONFIRMED,
+                }
+                for one in issued
+            ],
         )
         session.commit()
-        issued.clear()
+        unconfirmed = sum(1 for one in issued if not one.confirmed)
+        if unconfirmed:
+            log.warning(
+                "deployment %s: the broker did not confirm %d command(s); waiting for the "
+                "devices' answers or the timeout",
+                deployment_id,
+                unconfirmed,
+            )
 
     def _unsent(
         self,
         session: Session,
         deployment_id: str,
-        device_id: str,
-        untried: list[str],
+        unsent: list[str],
         exc: Unavailable,
         now: datetime,
     ) -> None:
-        """The publish of `device_id`'s command failed; `untried` were claimed but not tried."""
+        """The broker was not connected: `unsent` were claimed but nothing was published to
+        them; they go back to `pending` for the next try."""
         table = _table(DeploymentDevice)
-        undo = list(untried)
-        if _NOT_CONNECTED in exc.detail:
-            undo.append(device_id)  # nothing reached the broker
-        else:
-            record = session.exec(
-                select(CommandRecord)
-                .where(CommandRecord.ref == deployment_id, CommandRecord.device_id == device_id)
-                .order_by(col(CommandRecord.created_at).desc())
-            ).first()
-            session.execute(
-                sa.update(table)
-                .where(table.c.deployment_id == deployment_id, table.c.device_id == device_id)
-                .values(
-                    command_id=record.id if record else None,
-                    error=f"the broker did not confirm the command ({exc.detail}); waiting for "
-                    "the device's answer or the timeout",
-                )
+        session.execute(
+            sa.update(table)
+            .where(
+                table.c.deployment_id == deployment_id,
+                table.c.device_id.in_(unsent),
+                table.c.state == "sent",
             )
-        if undo:
-            session.execute(
-                sa.update(table)
-                .where(
-                    table.c.deployment_id == deployment_id,
-                    table.c.device_id.in_(undo),
-                    table.c.state == "sent",
-                )
-                .values(state="pending", sent_at=None, deadline_at=None, updated_at=now)
-            )
+            .values(state="pending", sent_at=None, deadline_at=None, updated_at=now)
+        )
         session.commit()
         log.warning(
             "deployment %s: the broker is unavailable (%s); %d device(s) wait for the next try",
             deployment_id,
             exc.detail,
-            len(undo),
+            len(unsent),
         )
