@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,7 @@ from provisioning.bundles import Bundle
 from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
 from provisioning.jwt_rules import sign_command
 from tests.support.gateway_process import (
+    START_TIMEOUT_S,
     GatewayProcess,
     clean_env,
     edgefleet_command,
@@ -82,6 +84,24 @@ def flows_for(label: str, *extra_types: str) -> list[dict[str, Any]]:
     return flows
 
 
+def enroll(gateway: GatewayProcess, token: str, name: str, state_dir: Path) -> str:
+    """`edgefleet agent enroll` a machine into `state_dir`; its device id."""
+    done = run_edgefleet(
+        "agent",
+        "enroll",
+        "--gateway",
+        gateway.url,
+        "--token",
+        token,
+        "--name",
+        name,
+        "--state-dir",
+        state_dir,
+        "--json",
+    )
+    return str(json.loads(done.stdout)["device_id"])
+
+
 class Machine:
     """One machine: a Node-RED and an `edgefleet agent run` process beside it."""
 
@@ -94,29 +114,18 @@ class Machine:
         self._log: IO[bytes] | None = None
         self.device_id = ""
 
-    def enroll(self, gateway: GatewayProcess, token: str) -> None:
-        done = run_edgefleet(
-            "agent",
-            "enroll",
-            "--gateway",
-            gateway.url,
-            "--token",
-            token,
-            "--name",
-            self.name,
-            "--state-dir",
-            self.state_dir,
-            "--json",
-        )
-        self.device_id = json.loads(done.stdout)["device_id"]
-
     def start(self) -> None:
+        self.wait_connected(self.launch())
+
+    def launch(self) -> int:
+        """Start `edgefleet agent run`; return how often it had connected before (for
+        `wait_connected`), so several machines can start at once and be waited for after."""
         env = {"EDGEFLEET_AGENT_TELEMETRY_INTAKE": "false"}  # three agents on one host
         if self.node_red.password is not None:
             assert self.node_red.username is not None
             env["EDGEFLEET_AGENT_NODE_RED_USERNAME"] = self.node_red.username
             env["EDGEFLEET_AGENT_NODE_RED_PASSWORD"] = self.node_red.password
-        connects = self.log_text().count("connected to the broker (session present")
+        connects = self.connects()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [
@@ -136,11 +145,13 @@ class Machine:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until(
-            lambda: self.log_text().count("connected to the broker (session present") > connects,
-            f"agent {self.name} to connect",
-            self,
-        )
+        return connects
+
+    def wait_connected(self, connects_before: int) -> None:
+        wait_until(lambda: self.connects() > connects_before, f"agent {self.name} to connect", self)
+
+    def connects(self) -> int:
+        return self.log_text().count("connected to the broker (session present")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -234,19 +245,25 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("flows-e2e")
     dead_registry = f"http://127.0.0.1:{free_port()}/"
     no_registry = {"npm_config_registry": dead_registry, "NPM_CONFIG_REGISTRY": dead_registry}
-    with ExitStack() as stack:
-        node_reds = [
-            stack.enter_context(
+    with ExitStack() as stack, ThreadPoolExecutor(3) as pool:
+        # The three Node-REDs start in the background while the gateway starts and the
+        # machines enroll (nothing of that needs Node-RED); each one that came up is stopped
+        # (last, after the agents and the gateway), also when another part failed.
+        node_reds = stack.enter_context(ExitStack())
+        starting = [
+            pool.submit(
+                node_reds.enter_context,
                 start_node_red(
                     tmp / f"node-red-{index}",
                     admin_password=ADMIN_PASSWORD if index == 2 else None,
                     env=no_registry,
-                )
+                ),
             )
             for index in range(3)
         ]
         gateway = GatewayProcess(tmp / "gateway")
-        gateway.start()
+        # Twice the usual time to come up: it starts beside three Node-REDs on a small host.
+        gateway.start(timeout=2 * START_TIMEOUT_S)
         stack.callback(gateway.stop)
         line_a = gateway.create_provisioning_token("--uses", "2", "--tag", "site=plant-3,line=A")[
             "token"
@@ -254,14 +271,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         line_b = gateway.create_provisioning_token("--uses", "1", "--tag", "site=plant-3,line=B")[
             "token"
         ]
+        device_ids = [
+            enroll(gateway, line_a if index < 2 else line_b, name, tmp / name)
+            for index, name in enumerate(NAMES)
+        ]
         machines = []
-        for index, (name, node_red) in enumerate(zip(NAMES, node_reds, strict=True)):
-            machine = Machine(name, tmp / name, node_red)
-            machine.enroll(gateway, line_a if index < 2 else line_b)
+        for name, device_id, node_red in zip(NAMES, device_ids, starting, strict=True):
+            machine = Machine(name, tmp / name, node_red.result())
+            machine.device_id = device_id
             stack.callback(machine.stop)
             machines.append(machine)
-        for machine in machines:
-            machine.start()
+        launched = [machine.launch() for machine in machines]
+        for machine, connects_before in zip(machines, launched, strict=True):
+            machine.wait_connected(connects_before)
         fleet = Fleet(gateway, machines, tmp)
         stack.callback(fleet.http.close)
         yield fleet
