@@ -1,15 +1,17 @@
 """Shared fixtures: a real supervised Mosquitto, real databases (SQLite and PostgreSQL), the app.
 
 PostgreSQL: each test gets its own database, cloned from a migrated template made once per
-session (CREATE DATABASE ... TEMPLATE is fast), and dropped afterwards.
+session (CREATE DATABASE ... TEMPLATE is fast), and dropped afterwards. SQLite likewise: each test
+gets its own file, a copy of one migrated once per session (migrating a new file takes longer).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import psycopg
@@ -78,11 +80,31 @@ def pg_database(pg_template: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite database file to copy."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "registry.db"
+    engine = make_engine(GatewaySettings(db_url=f"sqlite:///{path}").database_url)
+    migrate(engine)
+    engine.dispose()
+    return path
+
+
+def fresh_sqlite_database(template: Path, path: Path) -> str:
+    """A new, migrated SQLite database at `path`, copied from `template`; its sqlite:/// URL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The backup API copies a consistent database whatever its journal mode (WAL here).
+    with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(path)) as copy:
+        source.backup(copy)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The registry tests run once on SQLite and once on PostgreSQL."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'registry.db'}"
+        template: Path = request.getfixturevalue("sqlite_template")
+        return fresh_sqlite_database(template, tmp_path / "registry.db")
     url: str = request.getfixturevalue("pg_database")
     return url
 
