@@ -252,14 +252,33 @@ def pending_for(session: Session, ref: str) -> list[CommandRecord]:
     return list(session.exec(query.order_by(col(CommandRecord.created_at))))
 
 
+def superseding(replies: list[tuple[str, Reply]]) -> list[tuple[str, Reply]]:
+    """The replies of a group that still matter, in arrival order: per command its first
+    result, or without one its latest progress report.
+
+    A device reports progress (downloading, installing, applying) and then one result. When
+    these arrive together, the earlier ones are already out of date: storing only the last
+    leaves the same rows behind with a fraction of the writes. Replies after a result change
+    nothing (`apply_reply` ignores them), so they are dropped here too.
+    """
+    keep: dict[tuple[str, str], int] = {}  # (device, command) -> index in `replies`
+    for index, (device_id, reply) in enumerate(replies):
+        key = (device_id, reply.command_id)
+        kept = keep.get(key)
+        if kept is None or replies[kept][1].state not in FINAL_STATES:
+            keep[key] = index
+    return [replies[index] for index in sorted(keep.values())]
+
+
 class ReplyListener:
     """Reads ``$share/gateway/{prefix}/+/reply`` and stores the replies off the network thread.
 
     The writer thread takes every reply queued meanwhile (up to `MAX_GROUP`) and stores them in
     one transaction: a rollout to a thousand machines brings thousands of progress replies within
     seconds, and a transaction each (a commit, on PostgreSQL a flush to disk) made this single
-    writer the bottleneck of a push (measured in bench/flow_push_bench.py). Replies of one command
-    in one group are applied in the order they arrived. If the group's transaction fails because
+    writer the bottleneck of a push (measured in bench/flow_push_bench.py). Of the replies about
+    one command in one group only the one that decides the outcome is stored (`superseding`).
+    If the group's transaction fails because
     of one bad reply, the replies are stored one by one so the others still get in; if the
     database is unreachable, the group is kept and tried again with backoff, nothing dropped.
     """
@@ -350,13 +369,21 @@ class ReplyListener:
         return parsed
 
     def _store_group(self, replies: list[tuple[str, Reply]]) -> None:
+        replies = superseding(replies)
         delay = 0.5
         while replies:
             try:
                 with Session(self._engine, expire_on_commit=False) as session:
+                    ids = [reply.command_id for _device, reply in replies]
+                    # One query for the group's commands; apply_reply finds them in the session
+                    # (kept referenced until the commit: the session holds objects weakly).
+                    loaded = session.exec(
+                        select(CommandRecord).where(col(CommandRecord.id).in_(ids))
+                    ).all()
                     for device_id, reply in replies:
                         apply_reply(session, device_id, reply, self._hooks, commit=False)
                     session.commit()
+                    del loaded
                 return
             except OperationalError as exc:  # the database is away: keep the group, try again
                 reason = str(exc.orig or exc).strip().splitlines()[0]

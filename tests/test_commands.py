@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session, select
 
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import ReplyHooks, ReplyListener, apply_reply
+from gateway.commands import ReplyHooks, ReplyListener, apply_reply, superseding
 from gateway.db import utcnow
 from gateway.models import CommandRecord
 from gateway.runtime import GatewayRuntime
@@ -141,12 +141,27 @@ def test_replies_that_arrive_together_are_stored_in_one_transaction_in_order(
     assert set(_states(runtime, ids).values()) == {"succeeded"}
     transactions = list(dict.fromkeys(txn for txn, _c, _s in seen))
     assert len(transactions) == 2, "the 117 queued replies went in one transaction"
-    for command_id in ids[1:]:
-        assert [s for _t, c, s in seen if c == command_id] == [
-            "downloading",
-            "applying",
-            "succeeded",
-        ]
+    # Progress that arrived with its command's result is superseded by it: one write each.
+    assert [(c, s) for t, c, s in seen if t == transactions[1]] == [
+        (command_id, "succeeded") for command_id in ids[1:]
+    ]
+
+
+def test_only_the_reply_that_decides_is_kept_of_those_that_arrived_together() -> None:
+    def reply(command_id: str, state: str) -> tuple[str, Reply]:
+        return ("dev-a", Reply(command_id=command_id, state=state))
+
+    group = [
+        reply("c1", "downloading"),
+        reply("c2", "downloading"),
+        reply("c1", "applying"),
+        reply("c1", "failed"),
+        reply("c1", "applying"),  # late progress after the result: ignored anyway
+        reply("c2", "applying"),
+        reply("c1", "succeeded"),  # a second result: the first one stands
+        ("dev-b", Reply(command_id="c2", state="succeeded")),  # another device's topic
+    ]
+    assert superseding(group) == [group[3], group[5], group[7]]
 
 
 def test_a_reply_that_cannot_be_stored_does_not_keep_the_others_out(
