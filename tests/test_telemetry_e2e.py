@@ -73,6 +73,13 @@ class Replica(GatewayProcess):
         ca = pki_directory(upstream.data_dir) / CA_CERT_NAME
         return [*argv[:at], "--mqtt-url", url, "--mqtt-ca-file", str(ca), *argv[at + 2 :]]
 
+    def make_admin_token(self) -> None:
+        if self.broker_of is None:
+            super().make_admin_token()
+        else:  # one database: the first replica's token is good here too
+            self.admin_token = self.broker_of.admin_token
+            self.admin_token_id = self.broker_of.admin_token_id
+
     def cli(self, *args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         if args[:1] == ("admin",):
             args = (*args, "--db", self.db_url)

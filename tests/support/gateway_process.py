@@ -183,12 +183,18 @@ class GatewayProcess:
         )
         try:
             wait_for(self._healthy, timeout=timeout, interval=0.1, what="gateway /healthz")
-            made = self.cli_json("admin", "create-token", "--role", "admin", "--name", "tests")
-            self.admin_token, self.admin_token_id = made["token"], made["id"]
+            self.make_admin_token()
         except BaseException:
             self.stop(check=False)
             raise
         return self
+
+    def make_admin_token(self) -> None:
+        """Set `admin_token` (and its id) once the gateway answers: the first admin API token,
+        made with ``edgefleet admin create-token`` as a user does. A subclass for a replica of
+        a cluster may take another replica's instead (one database, one set of tokens)."""
+        made = self.cli_json("admin", "create-token", "--role", "admin", "--name", "tests")
+        self.admin_token, self.admin_token_id = made["token"], made["id"]
 
     def _healthy(self) -> bool:
         assert self.proc is not None
