@@ -7,6 +7,7 @@ machine where only the agent extra is installed.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,16 @@ _EXTRA_OF = {"gateway": "gateway", "admin": "gateway", "agent": "agent"}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        # The command is done and has closed what it opened. Spare the interpreter's last
+        # garbage collections on the way out: they walk every object FastAPI, SQLAlchemy and
+        # pydantic made (~0.4 s for `gateway run`, ~0.15 s for `admin create-token`).
+        gc.freeze()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except CommandError as exc:
