@@ -45,6 +45,9 @@ from tests.support.waiting import free_port
 pytestmark = pytest.mark.postgres
 TOTAL = 2000  # numbered samples in the stream
 PER_POST = 10
+# At most one post per 15 ms: the stream lasts at least 3 s, so a replica is killed (and the
+# survivor seen storing on) while it flows, however fast the host posts.
+POST_EVERY_S = 0.015
 
 
 class Replica(GatewayProcess):
@@ -108,6 +111,9 @@ class Machine(AgentProcess):
     def __init__(self, gateway: GatewayProcess, state_dir: Path, name: str) -> None:
         super().__init__(gateway, state_dir, name)
         self.intake_port = free_port()
+        # One connection for every post, as Node-RED keeps one (a new client per post spends
+        # ~25 ms of CPU on its TLS context alone, two thousand samples ten at a time).
+        self.intake = httpx.Client(base_url=f"http://127.0.0.1:{self.intake_port}", timeout=10)
 
     def start(self) -> Self:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
@@ -127,12 +133,12 @@ class Machine(AgentProcess):
         return self
 
     def post(self, samples: Sequence[dict[str, Any]]) -> None:
-        response = httpx.post(
-            f"http://127.0.0.1:{self.intake_port}/telemetry",
-            json={"samples": list(samples)},
-            timeout=10,
-        )
+        response = self.intake.post("/telemetry", json={"samples": list(samples)})
         assert response.status_code == 200, response.text
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        self.intake.close()
+        return super().stop(timeout)
 
     def broker_password(self) -> str:
         identity = json.loads(self.identity_path.read_text())
@@ -152,8 +158,11 @@ class Stream:
 
     def _run(self) -> None:
         try:
+            next_post = time.monotonic()
             while self.sent < TOTAL:
                 self._go.wait()
+                time.sleep(max(0.0, next_post - time.monotonic()))
+                next_post = time.monotonic() + POST_EVERY_S
                 batch = range(self.sent, self.sent + PER_POST)
                 self.machine.post([{"m": "n", "v": float(v)} for v in batch])
                 self.sent += PER_POST
@@ -248,7 +257,7 @@ def test_kill9_of_one_replica_mid_stream_stores_every_sample_once(
 
 
 def machine_outbox_empty(machine: Machine) -> bool:
-    health = httpx.get(f"http://127.0.0.1:{machine.intake_port}/health", timeout=5).json()
+    health = machine.intake.get("/health").json()
     return bool(health["queued"] == 0)
 
 
