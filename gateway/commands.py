@@ -29,7 +29,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.db import utcnow
+from gateway.db import is_deadlock, retry_deadlocks, utcnow
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
 from gateway.models import CommandRecord
@@ -211,12 +211,16 @@ def issue_many(
     sent = [command_id for (_d, command_id), ok in zip(ids, confirmed, strict=True) if ok]
     if sent:  # not where a reply came first and moved it on already
         table: sa.Table = CommandRecord.__table__  # type: ignore[attr-defined]
-        session.execute(
-            sa.update(table)
-            .where(table.c.id.in_(sent), table.c.state == "queued")
-            .values(state="sent", updated_at=utcnow())
-        )
-        session.commit()
+
+        def mark_sent() -> None:
+            session.execute(
+                sa.update(table)
+                .where(table.c.id.in_(sent), table.c.state == "queued")
+                .values(state="sent", updated_at=utcnow())
+            )
+            session.commit()
+
+        retry_deadlocks(session, mark_sent)
     return [Issued(d, c, ok) for (d, c), ok in zip(ids, confirmed, strict=True)]
 
 
@@ -369,7 +373,9 @@ class ReplyListener:
         return parsed
 
     def _store_group(self, replies: list[tuple[str, Reply]]) -> None:
-        replies = superseding(replies)
+        # In device order, as the scheduler writes a wave's rows: writers that lock rows in one
+        # order cannot deadlock each other (a command's replies keep their order: stable sort).
+        replies = sorted(superseding(replies), key=lambda item: item[0])
         delay = 0.5
         while replies:
             try:
@@ -386,6 +392,9 @@ class ReplyListener:
                     del loaded
                 return
             except OperationalError as exc:  # the database is away: keep the group, try again
+                if is_deadlock(exc):
+                    log.info("deadlock with another writer; storing %d replies again", len(replies))
+                    continue
                 reason = str(exc.orig or exc).strip().splitlines()[0]
                 log.error(
                     "cannot store %d replies (%s); retrying in %.1fs", len(replies), reason, delay

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -28,6 +28,30 @@ class DatabaseUnavailable(RuntimeError):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+T = TypeVar("T")
+_DEADLOCK = "40P01"  # PostgreSQL's SQLSTATE for "deadlock detected"
+
+
+def is_deadlock(exc: sa.exc.DBAPIError) -> bool:
+    """PostgreSQL aborted this transaction to break a deadlock (running it again is safe)."""
+    return getattr(exc.orig, "sqlstate", None) == _DEADLOCK
+
+
+def retry_deadlocks(session: Session, work: Callable[[], T], attempts: int = 3) -> T:
+    """Run `work` (a transaction that ends with its commit); when PostgreSQL picks it as a
+    deadlock's victim, roll back and run it again (writers that touch the same rows in different
+    orders, such as a wave being recorded while its first replies come in)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except sa.exc.OperationalError as exc:
+            if not is_deadlock(exc) or attempt == attempts:
+                raise
+            session.rollback()
+            log.info("deadlock with another writer; running the transaction again")
+    raise AssertionError("unreachable")
 
 
 def redact(url: str) -> str:

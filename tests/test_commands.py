@@ -13,12 +13,13 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.commands import ReplyHooks, ReplyListener, apply_reply, superseding
-from gateway.db import utcnow
+from gateway.db import retry_deadlocks, utcnow
 from gateway.models import CommandRecord
 from gateway.runtime import GatewayRuntime
 from provisioning.wire import Reply
@@ -234,3 +235,50 @@ def test_replies_wait_out_a_database_outage(
             allow(True)
         wait_for(lambda: listener.processed == 5, 20, what="the replies stored after the outage")
     assert set(_states(runtime, ids).values()) == {"succeeded"}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_deadlock_victim_is_rolled_back_and_runs_again(runtime: GatewayRuntime) -> None:
+    """Two real transactions lock two rows in opposite orders. The one in `retry_deadlocks`
+    checks for deadlocks sooner, so PostgreSQL makes it the victim; it runs again and commits."""
+    with Session(runtime.engine) as session:
+        for name in ("a", "b"):
+            _record(session, "dev-aaa", name * 32)
+    other_has_b = threading.Event()
+    attempts: list[int] = []
+
+    def other() -> None:
+        with Session(runtime.engine) as session:
+            session.execute(sa.text("SET deadlock_timeout = '5s'"))
+            _touch(session, "b" * 32, "other")
+            other_has_b.set()
+            wait_for(lambda: attempts, 10, what="the first attempt to lock a")
+            _touch(session, "a" * 32, "other")  # waits for the first attempt: a deadlock
+            session.commit()
+
+    def work() -> None:
+        attempts.append(1)
+        _touch(session, "a" * 32, "work")
+        _touch(session, "b" * 32, "work")
+        session.commit()
+
+    thread = threading.Thread(target=other)
+    with Session(runtime.engine) as session:
+        session.execute(sa.text("SET deadlock_timeout = '50ms'"))
+        thread.start()
+        assert other_has_b.wait(10)
+        retry_deadlocks(session, work)
+    thread.join(10)
+    assert len(attempts) == 2
+    with Session(runtime.engine) as session:
+        assert session.exec(
+            select(CommandRecord.detail).where(col(CommandRecord.id).in_(["a" * 32, "b" * 32]))
+        ).all() == ["work", "work"]
+
+
+def _touch(session: Session, command_id: str, detail: str) -> None:
+    session.execute(
+        sa.text("UPDATE commands SET detail = :detail WHERE id = :id"),
+        {"detail": detail, "id": command_id},
+    )

@@ -38,7 +38,7 @@ from sqlmodel import Session, col, select
 
 from gateway import audit, commands
 from gateway.commands import CommandPublisher
-from gateway.db import utcnow
+from gateway.db import retry_deadlocks, utcnow
 from gateway.errors import Unavailable
 from gateway.flows.deployments import FAILURE_STATES, FINAL_STATES, IN_FLIGHT_STATES, RUNNING
 from gateway.flows.models import Deployment, DeploymentDevice, FlowRelease
@@ -361,23 +361,28 @@ class RolloutScheduler:
         that arrives first sets it too, so nothing waits for this). A command the broker did
         not confirm keeps its device's claim, with a note: its result or its timeout decides."""
         table = _table(DeploymentDevice)
-        session.execute(
-            sa.update(table)
-            .where(
-                table.c.deployment_id == deployment_id,
-                table.c.device_id == sa.bindparam("b_device"),
+        rows = [
+            {
+                "b_device": one.device_id,
+                "b_id": one.command_id,
+                "b_error": None if one.confirmed else _UNCONFIRMED,
+            }
+            for one in sorted(issued)  # device order, as the reply listener writes
+        ]
+
+        def record() -> None:
+            session.execute(
+                sa.update(table)
+                .where(
+                    table.c.deployment_id == deployment_id,
+                    table.c.device_id == sa.bindparam("b_device"),
+                )
+                .values(command_id=sa.bindparam("b_id"), error=sa.bindparam("b_error")),
+                rows,
             )
-            .values(command_id=sa.bindparam("b_id"), error=sa.bindparam("b_error")),
-            [
-                {
-                    "b_device": one.device_id,
-                    "b_id": one.command_id,
-                    "b_error": None if one.confirmed else _UNCONFIRMED,
-                }
-                for one in issued
-            ],
-        )
-        session.commit()
+            session.commit()
+
+        retry_deadlocks(session, record)
         unconfirmed = sum(1 for one in issued if not one.confirmed)
         if unconfirmed:
             log.warning(
