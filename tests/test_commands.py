@@ -246,26 +246,28 @@ def test_a_deadlock_victim_is_rolled_back_and_runs_again(runtime: GatewayRuntime
         for name in ("a", "b"):
             _record(session, "dev-aaa", name * 32)
     other_has_b = threading.Event()
+    work_has_a = threading.Event()
     attempts: list[int] = []
 
     def other() -> None:
         with Session(runtime.engine) as session:
-            session.execute(sa.text("SET deadlock_timeout = '5s'"))
+            session.execute(sa.text("SET deadlock_timeout = '20s'"))
             _touch(session, "b" * 32, "other")
             other_has_b.set()
-            wait_for(lambda: attempts, 10, what="the first attempt to lock a")
+            assert work_has_a.wait(10)
             _touch(session, "a" * 32, "other")  # waits for the first attempt: a deadlock
             session.commit()
 
     def work() -> None:
         attempts.append(1)
         _touch(session, "a" * 32, "work")
+        work_has_a.set()
         _touch(session, "b" * 32, "work")
         session.commit()
 
     thread = threading.Thread(target=other)
     with Session(runtime.engine) as session:
-        session.execute(sa.text("SET deadlock_timeout = '50ms'"))
+        session.execute(sa.text("SET deadlock_timeout = '500ms'"))
         thread.start()
         assert other_has_b.wait(10)
         retry_deadlocks(session, work)
