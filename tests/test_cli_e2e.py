@@ -21,9 +21,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from tests.support import local_http
 from tests.support.gateway_process import (
     AgentProcess,
     GatewayProcess,
@@ -448,7 +448,7 @@ def test_second_gateway_on_one_sqlite_data_dir_is_refused(tmp_path: Path) -> Non
         )
         _assert_failed(done, "one replica")
         assert took < 20, f"took {took:.1f}s to give up"
-        assert httpx.get(first.url + "/healthz", timeout=5).status_code == 200
+        assert local_http.get(first.url + "/healthz", timeout=5).status_code == 200
         assert first.broker_pid() == broker, "the refused gateway touched the running broker"
         first.stop()
         assert first.proc is not None and first.proc.returncode == 0, first.log_tail()

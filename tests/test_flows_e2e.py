@@ -31,6 +31,7 @@ from provisioning import keys
 from provisioning.bundles import Bundle
 from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
 from provisioning.jwt_rules import sign_command
+from tests.support import local_http
 from tests.support.gateway_process import (
     START_TIMEOUT_S,
     GatewayProcess,
@@ -509,7 +510,7 @@ def test_a_cancelled_deployment_is_not_applied_by_a_machine_that_comes_back(
 
 def _gateway_signer(fleet: Fleet) -> tuple[GatewayIdentity, str]:
     identity = GatewayIdentity.load_or_create(fleet.gateway.data_dir / "signing-key.pem")
-    gateway_id = httpx.get(fleet.gateway.url + "/healthz", timeout=5).json()["gateway_id"]
+    gateway_id = local_http.get(fleet.gateway.url + "/healthz", timeout=5).json()["gateway_id"]
     return identity, gateway_id
 
 

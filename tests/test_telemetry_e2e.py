@@ -31,6 +31,7 @@ from gateway.broker.pki import CA_CERT_NAME
 from gateway.db import make_engine
 from gateway.settings import GatewaySettings
 from provisioning.telemetry import Sample, encode_batch
+from tests.support import local_http
 from tests.support.gateway_process import (
     AgentProcess,
     GatewayProcess,
@@ -90,7 +91,7 @@ class Replica(GatewayProcess):
 
     def metric(self, name: str, **labels: str) -> float:
         """One value from this replica's /metrics (0 if absent)."""
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        text = local_http.get(self.url + "/metrics", timeout=5).text
         wanted = f"edgefleet_telemetry_{name}"
         if labels:
             wanted += "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"

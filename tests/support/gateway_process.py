@@ -30,6 +30,7 @@ from gateway.broker.dynsec import GATEWAY_USERNAME, DynsecAdmin
 from gateway.broker.mosquitto import broker_directory, gateway_password_path, pki_directory
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import CA_CERT_NAME
+from tests.support import local_http
 from tests.support.waiting import free_port, wait_for
 
 START_TIMEOUT_S = 30.0
@@ -204,7 +205,7 @@ class GatewayProcess:
                 f"`edgefleet gateway run` exited with {code} while starting:\n{self.log_tail()}"
             )
         try:
-            return httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200
+            return local_http.get(self.url + "/healthz", timeout=1.0).status_code == 200
         except httpx.HTTPError:
             return False
 

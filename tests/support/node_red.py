@@ -22,9 +22,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.support import local_http
 from tests.support.waiting import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,7 +176,7 @@ def start_node_red(
         def answers() -> str | None:
             if process.poll() is not None:
                 return "exited"
-            response = httpx.get(f"{handle.url}/flows", timeout=2)
+            response = local_http.get(f"{handle.url}/flows", timeout=2)
             return "up" if response.status_code in (200, 401) else None
 
         try:
@@ -198,7 +198,7 @@ def admin_headers(handle: NodeRedHandle) -> dict[str, str]:
     """Headers for Admin API calls: API v2, plus a Bearer token when adminAuth is on."""
     headers = {"Node-RED-API-Version": "v2"}
     if handle.password is not None:
-        response = httpx.post(
+        response = local_http.post(
             f"{handle.url}/auth/token",
             data={
                 "client_id": "node-red-admin",
@@ -218,9 +218,9 @@ def set_flows(handle: NodeRedHandle, flows: list[dict[str, object]]) -> str:
     """Replace the flows directly through the Admin API (as a person at the machine would);
     return the new rev. Tests use it to reset Node-RED to a known state."""
     headers = admin_headers(handle)
-    current = httpx.get(f"{handle.url}/flows", headers=headers, timeout=10)
+    current = local_http.get(f"{handle.url}/flows", headers=headers, timeout=10)
     current.raise_for_status()
-    response = httpx.post(
+    response = local_http.post(
         f"{handle.url}/flows",
         headers={**headers, "Node-RED-Deployment-Type": "full"},
         json={"rev": current.json()["rev"], "flows": flows},
@@ -232,7 +232,7 @@ def set_flows(handle: NodeRedHandle, flows: list[dict[str, object]]) -> str:
 
 def get_flows(handle: NodeRedHandle) -> tuple[str, list[dict[str, object]]]:
     """Read (rev, flows) straight from the Admin API, independent of the code under test."""
-    response = httpx.get(f"{handle.url}/flows", headers=admin_headers(handle), timeout=10)
+    response = local_http.get(f"{handle.url}/flows", headers=admin_headers(handle), timeout=10)
     response.raise_for_status()
     body = response.json()
     return str(body["rev"]), list(body["flows"])

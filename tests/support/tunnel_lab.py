@@ -31,6 +31,7 @@ from gateway.broker.mosquitto import gateway_password_path, pki_directory
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import CA_CERT_NAME
 from provisioning.wg import link_exists, run_command
+from tests.support import local_http
 from tests.support.netns import NetLab, in_netns
 from tests.support.waiting import wait_for
 
@@ -114,7 +115,7 @@ class Process:
 
 def ns_http(netns: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
     """An HTTP request made from inside `netns`."""
-    return in_netns(netns, lambda: httpx.request(method, url, timeout=10.0, **kwargs))
+    return in_netns(netns, lambda: local_http.request(method, url, timeout=10.0, **kwargs))
 
 
 @dataclass
