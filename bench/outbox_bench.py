@@ -1,6 +1,6 @@
 """Device-side telemetry figures: outbox intake rate, memory at 1M queued, drain rate, parsing.
 
-Run: ``/work/venv-scratch/bin/python bench/outbox_bench.py`` (about a minute). It starts its own
+Run: ``.venv/bin/python bench/outbox_bench.py`` (about a minute). It starts its own
 ``mosquitto`` on a free port in a temporary directory for the drain figure and removes it after.
 
 Prints:

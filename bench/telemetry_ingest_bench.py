@@ -1,7 +1,8 @@
 """Gateway telemetry ingest figures: samples/s into SQLite and PostgreSQL, and latency.
 
-Run: ``/work/venv-scratch/bin/python bench/telemetry_ingest_bench.py`` (a few minutes;
-``--quick`` for a shorter pass, ``--only postgresql``, ``--pg URL`` for another server).
+Run: ``.venv/bin/python bench/telemetry_ingest_bench.py`` after ``scripts/setup.sh`` (a few
+minutes; ``--quick`` for a shorter pass, ``--only postgresql``, ``--pg URL`` for another server,
+``--replicas 1 2 3`` to compare replica counts on PostgreSQL).
 
 Everything is real and separate, as in production: the broker is the gateway's own supervised
 Mosquitto (TLS, dynamic security, persistence) in a temporary directory; each ingest replica is
