@@ -7,6 +7,7 @@ gets its own file, a copy of one migrated once per session (migrating a new file
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import uuid
@@ -32,6 +33,12 @@ from gateway.tokens import create_api_token
 from tests.support.mosquitto import running_broker
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What the imports and the collection built lives until the end of the run: keep the
+    garbage collector from walking it again and again (10-20% of this process's CPU time)."""
+    gc.freeze()
 
 
 def _pg_url(database: str) -> str:
