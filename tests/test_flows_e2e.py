@@ -272,10 +272,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         line_b = gateway.create_provisioning_token("--uses", "1", "--tag", "site=plant-3,line=B")[
             "token"
         ]
-        device_ids = [
-            enroll(gateway, line_a if index < 2 else line_b, name, tmp / name)
-            for index, name in enumerate(NAMES)
-        ]
+        with ThreadPoolExecutor(3) as enrolling:  # the three machines enroll at once
+            device_ids = list(
+                enrolling.map(
+                    lambda name, token: enroll(gateway, token, name, tmp / name),
+                    NAMES,
+                    (line_a, line_a, line_b),
+                )
+            )
         machines = []
         for name, device_id, node_red in zip(NAMES, device_ids, starting, strict=True):
             machine = Machine(name, tmp / name, node_red.result())

@@ -78,9 +78,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TunnelLab]:
         node_red = start_node_red(built, workdir)
         built.start_gateway()
         token = built.hub_cli().json("token", "create", "--uses", "3")["token"]
-        built.enroll("dev1", token)
-        built.enroll("dev2", token)
-        built.enroll("dev3", token, netns_role="hub")  # enrolled, never runs: offline
+        with ThreadPoolExecutor(3) as pool:  # three machines enrolling at once, one token
+            enrolling = [
+                pool.submit(built.enroll, "dev1", token),
+                pool.submit(built.enroll, "dev2", token),
+                pool.submit(built.enroll, "dev3", token, "hub"),  # enrolled, never runs: offline
+            ]
+        for enrolled in enrolling:
+            enrolled.result()
         built.net.serve("dev1", WEB, body="dev1:web")
         built.net.serve("dev1", OTHER, body="dev1:other")
         built.net.serve("dev2", WEB, body="dev2:web")
