@@ -28,6 +28,11 @@ from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.broker.mqtt_url import MqttEndpoint
 from tests.support.waiting import free_port, wait_for
 
+#: How long a test's MQTT client waits before it reconnects (paho's backoff, pinned). An agent
+#: starts at 1 s and backs off; tests wait for what happens, not for when, and a client closed
+#: while it waits to reconnect takes that long to stop (paho sleeps it out).
+RECONNECT_DELAY_S = 0.25
+
 
 @contextmanager
 def running_broker(
@@ -92,7 +97,7 @@ class MqttProbe:
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
         endpoint.configure(self.client)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
+        self.client.reconnect_delay_set(min_delay=RECONNECT_DELAY_S, max_delay=RECONNECT_DELAY_S)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

@@ -43,7 +43,7 @@ from gateway.telemetry.models import samples, series
 from gateway.telemetry.store import WriteResult
 from provisioning.telemetry import Sample, encode_batch
 from provisioning.wire import Topics
-from tests.support.mosquitto import enroll_device
+from tests.support.mosquitto import RECONNECT_DELAY_S, enroll_device
 from tests.support.waiting import wait_for
 
 TOPICS = Topics()
@@ -202,7 +202,7 @@ class DeviceLink:
         )
         endpoint.configure(self.client)
         self.client.suppress_exceptions = True
-        self.client.reconnect_delay_set(1, 1)
+        self.client.reconnect_delay_set(RECONNECT_DELAY_S, RECONNECT_DELAY_S)
         self.sender = TelemetrySender(self.client, TOPICS.telemetry(device_id), self.outbox)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
