@@ -4,6 +4,7 @@ or a database outage (real Mosquitto, SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import uuid
@@ -119,9 +120,12 @@ def test_replies_that_arrive_together_are_stored_in_one_transaction_in_order(
     seen: list[tuple[int, str, str]] = []  # (transaction, command, state) as the hook saw them
     first_held = threading.Event()
     release = threading.Event()
+    numbers = itertools.count()
 
     def hook(session: Session, record: CommandRecord, reply: Reply) -> None:
-        seen.append((id(session), record.id, reply.state))
+        # A number per session (not id(): a collected session's address may be reused).
+        transaction = session.info.setdefault("test-transaction", next(numbers))
+        seen.append((transaction, record.id, reply.state))
         if len(seen) == 1:  # hold the writer until everything else is queued behind it
             first_held.set()
             assert release.wait(10)
