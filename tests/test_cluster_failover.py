@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -59,13 +58,14 @@ from tests.conftest import fresh_pg_database
 from tests.support.cluster import Cluster, replica_args
 from tests.support.gateway_process import (
     GatewayProcess,
-    clean_env,
     edgefleet_command,
+    spawn_agent,
     wait_until,
 )
 from tests.support.mosquitto import running_broker
-from tests.support.netns import NetLab, leftover_namespaces, missing_requirements, ns_socket
-from tests.support.node_red import NodeRedHandle, get_flows, start_node_red
+from tests.support.netns import NetLab, leftover_namespaces, missing_requirements
+from tests.support.node_red import NodeRedHandle, flows_for, get_flows, start_node_red
+from tests.support.relay import Relay, Where
 from tests.support.telemetry import stored_values
 from tests.support.tunnel_lab import Process
 from tests.support.waiting import free_port, wait_for
@@ -89,86 +89,6 @@ SAMPLES = 300  # numbered samples per machine in the ingest test
 PER_POST = 10
 
 # ---------------------------------------------------------------------------- the plumbing
-
-Where = tuple[str | None, str, int]  # (network namespace, None: this process's; host; port)
-
-
-def _socket_in(netns: str | None) -> socket.socket:
-    if netns is None:
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    return ns_socket(netns)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-class Relay:
-    """A TCP relay run by threads of this process: listens at `listen` and joins each client to
-    the first of `targets` that accepts, starting one further along each time (with several
-    targets, a round-robin load balancer that skips a dead one). A socket stays in the network
-    namespace it was made in, so a relay can reach across namespaces."""
-
-    def __init__(self, listen: Where, targets: Sequence[Where]) -> None:
-        netns, host, port = listen
-        self.targets = list(targets)
-        self._lock = threading.Lock()
-        self._turn = 0
-        self._conns: list[socket.socket] = []
-        self._listener = _socket_in(netns)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host, port))
-        self._listener.listen(128)
-        self.port = int(self._listener.getsockname()[1])
-        threading.Thread(target=self._accept, name=f"relay-{self.port}", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._join, args=(client,), daemon=True).start()
-
-    def _join(self, client: socket.socket) -> None:
-        with self._lock:
-            first, self._turn = self._turn, self._turn + 1
-            self._conns.append(client)
-        for index in range(len(self.targets)):
-            netns, host, port = self.targets[(first + index) % len(self.targets)]
-            upstream = _socket_in(netns)
-            with self._lock:
-                self._conns.append(upstream)
-            upstream.settimeout(2)
-            try:
-                upstream.connect((host, port))
-            except OSError:
-                upstream.close()
-                continue
-            upstream.settimeout(None)
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
-            return
-        client.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for sock in conns:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 def start_all(
@@ -294,24 +214,7 @@ class Machine:
             "EDGEFLEET_AGENT_MAX_RECONNECT_DELAY": "2",
         }
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [
-                *edgefleet_command(),
-                "agent",
-                "run",
-                "--state-dir",
-                str(self.state_dir),
-                "--node-red",
-                self.node_red.url,
-                "--log-level",
-                "debug",
-            ],
-            env=clean_env(env),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = spawn_agent(self.state_dir, self._log, self.node_red.url, env=env, debug=True)
 
     def connected(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -715,28 +618,6 @@ def test_tunnel_expires_on_time_and_once_when_the_leader_dies_at_its_end(lab: La
 
 
 FLOWS_LABEL = "cluster-failover"
-
-
-def flows_for(label: str) -> list[dict[str, Any]]:
-    tab = f"tab-{label}"
-    return [
-        {"id": tab, "type": "tab", "label": label, "disabled": False, "info": ""},
-        {
-            "id": f"inject-{label}",
-            "type": "inject",
-            "z": tab,
-            "name": label,
-            "props": [{"p": "payload"}],
-            "repeat": "",
-            "once": False,
-            "payload": label,
-            "payloadType": "str",
-            "x": 120,
-            "y": 40,
-            "wires": [[f"debug-{label}"]],
-        },
-        {"id": f"debug-{label}", "type": "debug", "z": tab, "x": 320, "y": 40, "wires": []},
-    ]
 
 
 def test_rollout_finishes_once_when_the_leader_dies_mid_wave(lab: Lab) -> None:

@@ -38,10 +38,11 @@ from tests.support.gateway_process import (
     clean_env,
     edgefleet_command,
     run_edgefleet,
+    spawn_agent,
     wait_until,
 )
 from tests.support.mosquitto import MqttProbe
-from tests.support.node_red import NodeRedHandle, get_flows, set_flows, start_node_red
+from tests.support.node_red import NodeRedHandle, flows_for, get_flows, set_flows, start_node_red
 from tests.support.waiting import free_port
 from tests.test_node_red_deployer import make_module_tarball
 
@@ -49,40 +50,6 @@ pytestmark = pytest.mark.nodered
 
 ADMIN_PASSWORD = "plant-3 secret"
 NAMES = ("press-1", "press-2", "press-3")
-
-
-def flows_for(label: str, *extra_types: str) -> list[dict[str, Any]]:
-    tab = f"tab-{label}"
-    flows: list[dict[str, Any]] = [
-        {"id": tab, "type": "tab", "label": label, "disabled": False, "info": ""},
-        {
-            "id": f"inject-{label}",
-            "type": "inject",
-            "z": tab,
-            "name": label,
-            "props": [{"p": "payload"}],
-            "repeat": "",
-            "once": False,
-            "payload": label,
-            "payloadType": "str",
-            "x": 120,
-            "y": 40,
-            "wires": [[f"debug-{label}"]],
-        },
-        {"id": f"debug-{label}", "type": "debug", "z": tab, "x": 320, "y": 40, "wires": []},
-    ]
-    for index, node_type in enumerate(extra_types):
-        flows.append(
-            {
-                "id": f"x{index}-{label}",
-                "type": node_type,
-                "z": tab,
-                "x": 120,
-                "y": 100,
-                "wires": [],
-            }
-        )
-    return flows
 
 
 def enroll(gateway: GatewayProcess, token: str, name: str, state_dir: Path) -> str:
@@ -128,24 +95,7 @@ class Machine:
             env["EDGEFLEET_AGENT_NODE_RED_PASSWORD"] = self.node_red.password
         connects = self.connects()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [
-                *edgefleet_command(),
-                "agent",
-                "run",
-                "--state-dir",
-                str(self.state_dir),
-                "--node-red",
-                self.node_red.url,
-                "--log-level",
-                "debug",
-            ],
-            env=clean_env(env),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = spawn_agent(self.state_dir, self._log, self.node_red.url, env=env, debug=True)
         return connects
 
     def wait_connected(self, connects_before: int) -> None:

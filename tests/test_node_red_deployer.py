@@ -34,6 +34,7 @@ from provisioning.bundles import CORE_NODE_TYPES, Bundle, ModuleRef
 from tests.support.node_red import (
     NodeRedHandle,
     admin_headers,
+    flows_for,
     get_flows,
     set_flows,
     start_node_red,
@@ -43,50 +44,6 @@ from tests.support.waiting import free_port
 pytestmark = pytest.mark.nodered
 
 ADMIN_PASSWORD = "correct horse battery staple"
-
-
-def flows_for(label: str, *extra_types: str) -> list[dict[str, Any]]:
-    """A small real flow: a tab, an inject wired to a debug, plus one node per extra type."""
-    tab = f"tab-{label}"
-    flows: list[dict[str, Any]] = [
-        {"id": tab, "type": "tab", "label": label, "disabled": False, "info": ""},
-        {
-            "id": f"inject-{label}",
-            "type": "inject",
-            "z": tab,
-            "name": label,
-            "props": [{"p": "payload"}],
-            "repeat": "",
-            "once": False,
-            "payload": label,
-            "payloadType": "str",
-            "x": 100,
-            "y": 40,
-            "wires": [[f"debug-{label}"]],
-        },
-        {
-            "id": f"debug-{label}",
-            "type": "debug",
-            "z": tab,
-            "active": True,
-            "complete": "payload",
-            "x": 300,
-            "y": 40,
-            "wires": [],
-        },
-    ]
-    for index, node_type in enumerate(extra_types):
-        flows.append(
-            {
-                "id": f"x{index}-{label}",
-                "type": node_type,
-                "z": tab,
-                "x": 100,
-                "y": 100,
-                "wires": [],
-            }
-        )
-    return flows
 
 
 def bundle_of(label: str, *extra_types: str, modules: tuple[ModuleRef, ...] = ()) -> Bundle:

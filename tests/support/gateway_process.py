@@ -348,6 +348,28 @@ class GatewayProcess:
             return admin.list_devices()
 
 
+def spawn_agent(
+    state_dir: Path,
+    log: IO[bytes],
+    node_red: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    debug: bool = False,
+) -> subprocess.Popen[bytes]:
+    """`edgefleet agent run` on `state_dir` beside the Node-RED at `node_red`: a subprocess in a
+    session of its own, its output appended to `log`, with only the given EDGEFLEET_* settings."""
+    argv = [*edgefleet_command(), "agent", "run", "--state-dir", str(state_dir)]
+    argv += ["--node-red", node_red, *(["--log-level", "debug"] if debug else [])]
+    return subprocess.Popen(
+        argv,
+        env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 class AgentProcess:
     """One machine: `edgefleet agent enroll` into `state_dir`, then `edgefleet agent run`."""
 
@@ -386,22 +408,7 @@ class AgentProcess:
     def start(self) -> Self:
         assert self.proc is None, "already started"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [
-                *edgefleet_command(),
-                "agent",
-                "run",
-                "--state-dir",
-                str(self.state_dir),
-                "--node-red",
-                "http://127.0.0.1:1",
-            ],
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = spawn_agent(self.state_dir, self._log, "http://127.0.0.1:1")
         return self
 
     def log_text(self) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,3 +237,47 @@ def get_flows(handle: NodeRedHandle) -> tuple[str, list[dict[str, object]]]:
     response.raise_for_status()
     body = response.json()
     return str(body["rev"]), list(body["flows"])
+
+
+def flows_for(label: str, *extra_types: str) -> list[dict[str, Any]]:
+    """A small real flow: a tab, an inject wired to a debug, plus one node per extra type."""
+    tab = f"tab-{label}"
+    flows: list[dict[str, Any]] = [
+        {"id": tab, "type": "tab", "label": label, "disabled": False, "info": ""},
+        {
+            "id": f"inject-{label}",
+            "type": "inject",
+            "z": tab,
+            "name": label,
+            "props": [{"p": "payload"}],
+            "repeat": "",
+            "once": False,
+            "payload": label,
+            "payloadType": "str",
+            "x": 100,
+            "y": 40,
+            "wires": [[f"debug-{label}"]],
+        },
+        {
+            "id": f"debug-{label}",
+            "type": "debug",
+            "z": tab,
+            "active": True,
+            "complete": "payload",
+            "x": 300,
+            "y": 40,
+            "wires": [],
+        },
+    ]
+    for index, node_type in enumerate(extra_types):
+        flows.append(
+            {
+                "id": f"x{index}-{label}",
+                "type": node_type,
+                "z": tab,
+                "x": 100,
+                "y": 100,
+                "wires": [],
+            }
+        )
+    return flows

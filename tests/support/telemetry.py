@@ -44,6 +44,7 @@ from gateway.telemetry.store import WriteResult
 from provisioning.telemetry import Sample, encode_batch
 from provisioning.wire import Topics
 from tests.support.mosquitto import RECONNECT_DELAY_S, enroll_device
+from tests.support.relay import pump
 from tests.support.waiting import wait_for
 
 TOPICS = Topics()
@@ -285,19 +286,7 @@ class CuttableLink:
             with self._lock:
                 self._conns += [inside, outside]
             for src, dst in ((inside, outside), (outside, inside)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                threading.Thread(target=pump, args=(src, dst), daemon=True).start()
 
     def cut(self) -> None:
         if self._listener is not None:
