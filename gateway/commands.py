@@ -94,10 +94,6 @@ class CommandPublisher:
     def _on_disconnect(self, *_args: Any) -> None:
         self._connected.clear()
 
-    def publish(self, device_id: str, token: str) -> None:
-        if not self.publish_many([(device_id, token)])[0]:
-            raise Unavailable("broker_unavailable", "the broker did not acknowledge the command")
-
     def publish_many(self, messages: Sequence[tuple[str, str]]) -> list[bool]:
         """Publish ``(device_id, token)`` commands together, then wait for their PUBACKs.
 
