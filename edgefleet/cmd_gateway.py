@@ -220,10 +220,13 @@ def _run(args: argparse.Namespace) -> None:
 
 def _create_token(args: argparse.Namespace) -> None:
     settings = _settings(args, ("data_dir", "db_url"))
+    from gateway.data_dir import secure_data_dir
     from gateway.db import DatabaseUnavailable, make_engine, migrate, session_scope
     from gateway.models import Role
     from gateway.tokens import create_api_token
 
+    if settings.is_sqlite:  # it may create the database (and its -wal/-shm) in the data dir
+        secure_data_dir(settings.data_dir)
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from prometheus_client import Counter
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
+from gateway.api.load_shedding import LoadShedding
 from gateway.api.routes_broker_hooks import router as broker_hooks_router
 from gateway.api.routes_flows import router as flows_router
 from gateway.api.routes_metrics import router as metrics_router
@@ -33,7 +35,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         app.include_router(broker_hooks_router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, str | bool]:
+    async def healthz() -> dict[str, str | bool]:  # on the event loop: no thread, no database
         """`leader`: whether this replica runs the singleton jobs right now."""
         leader = runtime.jobs.is_leader if runtime.jobs is not None else False
         return {"status": "ok", "gateway_id": runtime.identity.gateway_id, "leader": leader}
@@ -45,5 +47,21 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
             "/api/v1/flows/modules": runtime.settings.max_module_bytes,
             "/api/v1/flows/releases": runtime.settings.max_release_request_bytes,
         },
+    )
+    settings = runtime.settings
+    app.add_middleware(  # outermost: a request over the limit costs nothing more
+        LoadShedding,
+        max_in_flight=settings.http_max_in_flight,
+        max_waiting=settings.http_max_waiting,
+        queue_timeout=settings.http_queue_timeout,
+        body_timeout=settings.http_body_timeout,
+        read_timeout=settings.http_read_timeout,
+        refused=Counter(
+            "edgefleet_http_refused",
+            "HTTP requests refused before they ran, by reason (overloaded: 503 with "
+            "Retry-After; body_timeout: 408).",
+            ["reason"],
+            registry=runtime.metrics,
+        ),
     )
     return app

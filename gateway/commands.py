@@ -23,13 +23,13 @@ import paho.mqtt.client as mqtt
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.db import is_deadlock, retry_deadlocks, utcnow
+from gateway.device_messages import DeviceMessages
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
 from gateway.models import CommandRecord
@@ -228,7 +228,7 @@ def apply_reply(
     reply listener stores many replies in one transaction)."""
     record = session.get(CommandRecord, reply.command_id)
     if record is None or record.device_id != device_id:
-        log.warning("reply from %s about unknown command %s ignored", device_id, reply.command_id)
+        log.debug("reply from %s about unknown command %s ignored", device_id, reply.command_id)
         return None
     if record.state in FINAL_STATES:
         # The result is in. A late progress message, or the agent re-reporting the result of a
@@ -286,11 +286,17 @@ class ReplyListener:
     MAX_GROUP = 500
 
     def __init__(
-        self, endpoint: MqttEndpoint, engine: Engine, topics: Topics, hooks: ReplyHooks
+        self,
+        endpoint: MqttEndpoint,
+        engine: Engine,
+        topics: Topics,
+        hooks: ReplyHooks,
+        messages: DeviceMessages | None = None,
     ) -> None:
         self._engine = engine
         self._topics = topics
         self._hooks = hooks
+        self._messages = messages or DeviceMessages()
         self._endpoint = endpoint
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
         self._client = mqtt.Client(
@@ -362,10 +368,9 @@ class ReplyListener:
             where = self._topics.parse(topic)
             if where is None:
                 continue
-            try:
-                parsed.append((where[0], Reply.model_validate_json(payload)))
-            except ValidationError as exc:
-                log.warning("malformed reply from %s: %s", topic, exc.errors()[:1])
+            reply = self._messages.reply(where[0], payload)
+            if reply is not None:
+                parsed.append((where[0], reply))
         return parsed
 
     def _store_group(self, replies: list[tuple[str, Reply]]) -> None:
@@ -382,9 +387,14 @@ class ReplyListener:
                     loaded = session.exec(
                         select(CommandRecord).where(col(CommandRecord.id).in_(ids))
                     ).all()
-                    for device_id, reply in replies:
-                        apply_reply(session, device_id, reply, self._hooks, commit=False)
+                    unknown = [
+                        (device_id, reply.command_id)
+                        for device_id, reply in replies
+                        if apply_reply(session, device_id, reply, self._hooks, commit=False) is None
+                    ]
                     session.commit()
+                    for device_id, command_id in unknown:
+                        self._messages.unknown_command(device_id, command_id)
                     del loaded
                 return
             except OperationalError as exc:  # the database is away: keep the group, try again

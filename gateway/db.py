@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,12 +59,43 @@ def redact(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
-def make_engine(url: str) -> Engine:
+@dataclass(frozen=True)
+class PoolSize:
+    """How many connections an engine keeps (``size``) and may open beyond them (``overflow``),
+    and how long a checkout waits for one (then `sqlalchemy.exc.TimeoutError`)."""
+
+    size: int = 10
+    overflow: int = 20
+    timeout: float = 30.0
+
+
+JOB_CONNECTIONS = 4
+"""Beside the API's requests, the singleton jobs (rollouts, housekeeping, tunnel reaper,
+retention, leader election) use the API's engine too."""
+MQTT_POOL = PoolSize(size=4, overflow=2, timeout=30.0)
+"""The MQTT side (telemetry ingest, status and reply listeners) has its own engine: API traffic
+can never take the connections that store what machines send."""
+
+
+def api_pool(max_in_flight: int) -> PoolSize:
+    """A connection for every request load shedding lets run, and for the jobs; a checkout that
+    still finds none waits briefly and becomes a 503 (never a 500)."""
+    return PoolSize(size=max_in_flight + JOB_CONNECTIONS, overflow=JOB_CONNECTIONS, timeout=10.0)
+
+
+def make_engine(url: str, pool: PoolSize | None = None) -> Engine:
+    pool = pool or PoolSize()
+    sizes = {"pool_size": pool.size, "max_overflow": pool.overflow, "pool_timeout": pool.timeout}
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
-        if path and path != ":memory:":
+        memory = not path or path == ":memory:"
+        if path and not memory:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **({} if memory else sizes),
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -74,7 +106,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **sizes)
 
 
 def check_connection(engine: Engine) -> None:

@@ -28,6 +28,13 @@ class GatewayRuntime:
     jobs: SingletonJobs | None = None
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     """This gateway's Prometheus metrics (served at /metrics); never the global registry."""
+    mqtt_engine: Engine | None = None
+    """The MQTT side's own database connections (ingest, status, replies), which API traffic
+    cannot take; None: it shares `engine` (tests of one part alone)."""
+
+    @property
+    def listener_engine(self) -> Engine:
+        return self.mqtt_engine if self.mqtt_engine is not None else self.engine
 
     @property
     def topics(self) -> Topics:

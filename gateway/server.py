@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway import devices
+from gateway.api.http_protocol import guarded_protocol
 from gateway.app import create_app
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.emqx import EmqxApi, EmqxBrokerAdmin
@@ -25,7 +26,9 @@ from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyListener
-from gateway.db import make_engine, migrate
+from gateway.data_dir import secure_data_dir
+from gateway.db import MQTT_POOL, api_pool, make_engine, migrate
+from gateway.device_messages import DeviceMessages
 from gateway.flows.wiring import install_flow_pushes
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
@@ -112,14 +115,17 @@ def run_gateway(settings: GatewaySettings) -> None:
 
 
 def _run(settings: GatewaySettings) -> None:
+    secure_data_dir(settings.data_dir)  # 0700, its files 0600: keys, the database, the broker's
     with contextlib.ExitStack() as stack:
         if settings.is_sqlite:
             stack.enter_context(single_replica_lock(settings.data_dir))
         http_socket = listen_socket(settings.http_host, settings.http_port, "--http")
         stack.callback(http_socket.close)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, api_pool(settings.http_max_in_flight))
         stack.callback(engine.dispose)
         migrate(engine)
+        mqtt_engine = make_engine(settings.database_url, MQTT_POOL)
+        stack.callback(mqtt_engine.dispose)
         identity = GatewayIdentity.load_or_create(settings.signing_key_path)
 
         endpoint, info = _start_broker(settings, stack)
@@ -129,15 +135,18 @@ def _run(settings: GatewaySettings) -> None:
         publisher.start()
         stack.callback(publisher.stop)
         jobs = SingletonJobs(LeaderElection(engine))
-        runtime = GatewayRuntime(settings, engine, identity, broker, info, publisher, jobs=jobs)
+        runtime = GatewayRuntime(
+            settings, engine, identity, broker, info, publisher, jobs=jobs, mqtt_engine=mqtt_engine
+        )
         jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
         install_flow_pushes(runtime)  # before the reply listener: it stores deploy replies
         install_tunnels(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
 
-        listener = StatusListener(endpoint, engine, runtime.topics)
+        messages = DeviceMessages(runtime.metrics)
+        listener = StatusListener(endpoint, mqtt_engine, runtime.topics, messages)
         listener.start()
         stack.callback(listener.stop)
-        replies = ReplyListener(endpoint, engine, runtime.topics, runtime.hooks)
+        replies = ReplyListener(endpoint, mqtt_engine, runtime.topics, runtime.hooks, messages)
         replies.start()
         stack.callback(replies.stop)
         start_telemetry(runtime, endpoint, stack)
@@ -151,6 +160,8 @@ def _run(settings: GatewaySettings) -> None:
             port=settings.http_port,
             log_level="info",
             access_log=False,
+            http=guarded_protocol(settings.http_header_timeout, settings.http_max_connections),
+            h11_max_incomplete_event_size=16 * 1024,  # request line and headers
         )
         log.info(
             "gateway %s: HTTP on %s, database %s",

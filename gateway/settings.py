@@ -55,6 +55,36 @@ class GatewaySettings(BaseSettings):
     emqx_api_key: str | None = None
     emqx_api_secret: str | None = None
     max_request_bytes: int = 64 * 1024
+    # Load shedding (gateway/api/load_shedding.py) and the HTTP server's own limits.
+    http_max_in_flight: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="API requests run at once; the API's database pool is sized to match.",
+    )
+    http_max_waiting: int = Field(
+        default=512, ge=0, description="Requests that may wait for a place; the rest get 503."
+    )
+    http_queue_timeout: float = Field(
+        default=5.0, ge=0, description="Seconds a request waits for a place before its 503."
+    )
+    http_max_connections: int = Field(
+        default=2000, ge=1, description="Open HTTP connections; more are closed at once."
+    )
+    http_header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send a request's head."
+    )
+    http_body_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds a client has to send a request's whole body."
+    )
+    http_read_timeout: float = Field(
+        default=15.0, gt=0, description="Seconds a body may pause between two chunks."
+    )
+    enroll_failures_per_minute: int = Field(
+        default=10,
+        ge=1,
+        description="Failed enrollments one client address may make per minute; then 429.",
+    )
     provisioning_token_max_ttl: int = 30 * 24 * 3600
     status_sync_interval: float = 30.0
     # Support tunnels. Exactly one replica runs the WireGuard hub (tunnel_hub); every replica

@@ -18,13 +18,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway.broker.mqtt_url import MqttEndpoint
+from gateway.device_messages import DeviceMessages
 from gateway.devices import record_status
-from provisioning.wire import DeviceStatus, Topics
+from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
 _SHARED, _RETAINED = 1, 2
@@ -32,9 +32,16 @@ _RETAINED_PASS_SECONDS = 10.0
 
 
 class StatusListener:
-    def __init__(self, endpoint: MqttEndpoint, engine: Engine, topics: Topics) -> None:
+    def __init__(
+        self,
+        endpoint: MqttEndpoint,
+        engine: Engine,
+        topics: Topics,
+        messages: DeviceMessages | None = None,
+    ) -> None:
         self._engine = engine
         self._topics = topics
+        self._messages = messages or DeviceMessages()
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -104,10 +111,8 @@ class StatusListener:
         device_id, _ = parsed
         if not payload:  # a cleared retained status (revoked device)
             return
-        try:
-            status = DeviceStatus.model_validate_json(payload)
-        except ValidationError as exc:
-            log.warning("device %s sent a malformed status: %s", device_id, exc.errors()[:1])
+        status = self._messages.status(device_id, payload)
+        if status is None:
             return
         with Session(self._engine) as session:
             if not record_status(
@@ -117,7 +122,7 @@ class StatusListener:
                 status.agent_version,
                 status.node_red_version,
             ):
-                log.info("status from unknown or revoked device %s ignored", device_id)
+                self._messages.unknown_device("status", device_id)
 
 
 def _sub_id(value: int) -> Properties:

@@ -13,6 +13,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from provisioning.device_input import (
+    MAX_REPLY_BYTES,
+    CommandId,
+    DetailText,
+    HostName,
+    ReplyState,
+    ShortText,
+)
+
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 DEFAULT_TOPIC_PREFIX = "fleet"
@@ -71,8 +80,8 @@ class EnrollRequest(_Strict):
         description="The device's EC P-256 public key, PEM (SubjectPublicKeyInfo)."
     )
     name: DeviceName | None = None
-    agent_version: Annotated[str, StringConstraints(max_length=64)] = ""
-    hostname: Annotated[str, StringConstraints(max_length=255)] = ""
+    agent_version: ShortText = ""
+    hostname: HostName = ""
 
 
 class BrokerCredential(_Strict):
@@ -103,11 +112,11 @@ class DeviceStatus(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     state: Literal["online", "offline"]
-    agent_version: str | None = None
-    node_red_version: str | None = None
-    ts: float | None = None
-    outbox_queued: int | None = None
-    outbox_dropped: int | None = None
+    agent_version: ShortText | None = None
+    node_red_version: ShortText | None = None
+    ts: float | None = Field(default=None, allow_inf_nan=False)
+    outbox_queued: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    outbox_dropped: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
 class Reply(BaseModel):
@@ -115,11 +124,23 @@ class Reply(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    command_id: str
-    state: str
-    detail: str | None = None
-    data: dict[str, object] = Field(default_factory=dict)
-    ts: float | None = None
+    command_id: CommandId
+    state: ReplyState
+    detail: DetailText | None = None
+    data: dict[str, object] = Field(
+        default_factory=dict,
+        description=f"The command's result document; the whole reply is at most "
+        f"{MAX_REPLY_BYTES} bytes.",
+    )
+    ts: float | None = Field(default=None, allow_inf_nan=False)
+
+
+class FieldError(BaseModel):
+    """One problem with a request: where (``["body", "tags", "site"]``) and what."""
+
+    loc: list[str]
+    msg: str
+    type: str
 
 
 class ErrorBody(BaseModel):
@@ -127,3 +148,8 @@ class ErrorBody(BaseModel):
 
     detail: str
     reason: str | None = None
+    errors: list[FieldError] | None = Field(
+        default=None,
+        description="For a request that failed validation: each problem (at most 10); the "
+        "values sent are not repeated.",
+    )

@@ -1,12 +1,40 @@
-"""Error bodies and request-size limits shared by every route."""
+"""Error bodies and request-size limits shared by every route.
+
+Every error the API sends has one shape, `ErrorBody` (``{detail, reason}``, and for a request that
+fails validation ``errors``: where and what, never the value that was sent, so a 422 does not
+echo a megabyte back or reflect what an attacker put in). The OpenAPI document says so for every
+status it lists (each router's ``responses``).
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError
+from provisioning.wire import ErrorBody
+
+log = logging.getLogger(__name__)
+MAX_LISTED_ERRORS = 10
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {
+            "loc": [str(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", ""))[:300],
+            "type": str(error.get("type", "")),
+        }
+        for error in exc.errors()[:MAX_LISTED_ERRORS]
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -16,6 +44,54 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": exc.detail, "reason": exc.reason}, status_code=exc.status, headers=headers
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        if any(error["type"] == "json_invalid" for error in errors):
+            detail, reason = "the request body is not valid JSON", "malformed_json"
+        else:
+            first = errors[0] if errors else {"loc": [], "msg": "invalid"}
+            where = ".".join(first["loc"]) or "request"
+            detail, reason = f"{where}: {first['msg']}", "invalid_request"
+            if len(exc.errors()) > 1:
+                detail += f" (and {len(exc.errors()) - 1} more)"
+        body = ErrorBody(detail=detail, reason=reason, errors=errors)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        status, reason, detail = exc.status_code, f"http_{exc.status_code}", str(exc.detail)
+        if status == 400:  # FastAPI could not decode the body at all (not UTF-8, say)
+            status, reason = 422, "malformed_json"
+            detail = "the request body is not valid JSON in UTF-8"
+        elif status == 404:
+            reason = "not_found"
+        elif status == 405:
+            reason = "method_not_allowed"
+            headers["Allow"] = ", ".join(_methods_of(request))
+        return JSONResponse({"detail": detail, "reason": reason}, status, headers=headers or None)
+
+    @app.exception_handler(sa.exc.TimeoutError)
+    async def _pool_exhausted(_request: Request, _exc: sa.exc.TimeoutError) -> JSONResponse:
+        # Load shedding keeps the API within its pool; this is the last line, never a 500.
+        log.warning("no database connection free for an API request; answered 503")
+        return JSONResponse(
+            {"detail": "the gateway is busy; try again in 1 s", "reason": "overloaded"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+
+def _methods_of(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette names only the first match's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 class BodySizeLimit:

@@ -23,7 +23,7 @@ from gateway.flows.schemas import (
 from provisioning.wire import ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 410, 413, 422)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 410, 413, 422, 503)
 }
 router = APIRouter(prefix="/api/v1", responses=_errors)
 

@@ -26,7 +26,7 @@ from gateway.models import CommandRecord
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 503)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 429, 503)
 }
 router = APIRouter(prefix="/api/v1", responses=_errors)
 

@@ -28,7 +28,7 @@ from provisioning.wire import ErrorBody
 
 DEFAULT_RANGE = 3600.0
 _errors: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 422)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503)
 }
 router = APIRouter(
     prefix="/api/v1/devices/{device_id}/telemetry", tags=["telemetry"], responses=_errors

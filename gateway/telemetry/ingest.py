@@ -122,6 +122,8 @@ class _Received(NamedTuple):  # a tuple: made for every message on paho's thread
     mid: int
     topic: str
     payload: bytes | bytearray
+    qos: int
+    """QoS 0 has no packet id and gets no PUBACK (a PUBACK for id 0 is a protocol error)."""
 
 
 class TelemetryIngest:
@@ -297,7 +299,7 @@ class TelemetryIngest:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self._received += 1
-        self._queue.put(_Received(self._generation, msg.mid, msg.topic, msg.payload))
+        self._queue.put(_Received(self._generation, msg.mid, msg.topic, msg.payload, msg.qos))
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -421,6 +423,6 @@ class TelemetryIngest:
         with self._ack_lock:
             current = self._generation
             for item in taken:
-                if item.generation == current:
-                    ack(item.mid, 1)
+                if item.generation == current and item.qos:
+                    ack(item.mid, item.qos)
         self._settled += len(taken)

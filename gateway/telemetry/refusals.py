@@ -35,8 +35,10 @@ class RefusalLog:
         logger: logging.Logger,
         interval: float = DEFAULT_INTERVAL,
         max_keys: int = DEFAULT_MAX_KEYS,
+        what: str = "telemetry",
     ) -> None:
         self._log = logger
+        self._what = what
         self._interval = interval
         self._max_keys = max_keys
         self._seen: OrderedDict[tuple[str, str], _Seen] = OrderedDict()
@@ -52,7 +54,7 @@ class RefusalLog:
         more = ""
         if seen is not None and seen.suppressed:
             more = f" ({seen.suppressed} more since the last report)"
-        self._log.warning("telemetry from %s refused (%s): %s%s", device, reason, detail, more)
+        self._log.warning("%s from %s refused (%s): %s%s", self._what, device, reason, detail, more)
         self._seen[key] = _Seen(now, 0)
         self._seen.move_to_end(key)
         while len(self._seen) > self._max_keys:

@@ -22,7 +22,7 @@ def start_telemetry(
         session_expiry=settings.telemetry_session_expiry,
         receive_maximum=settings.telemetry_receive_maximum,
     )
-    ingest = TelemetryIngest(endpoint, runtime.engine, runtime.topics, options, metrics)
+    ingest = TelemetryIngest(endpoint, runtime.listener_engine, runtime.topics, options, metrics)
     ingest.start()
     stack.callback(ingest.stop, leave=settings.telemetry_leave_on_stop)
     retention = RetentionJob(

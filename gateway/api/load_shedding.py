@@ -1,0 +1,141 @@
+"""Polite overload: a bounded number of requests in flight, a short wait, then 503 Retry-After.
+
+Every request the application runs holds a worker thread and, mostly, a database connection.
+Unbounded, a crowd of readers takes every pooled connection; the next request waits out the
+pool's timeout and fails with a 500, and everything else (the health check, the MQTT side) waits
+behind them. Here at most ``max_in_flight`` requests run at once (the API's database pool is sized
+to match, `gateway.db.api_pool`), up to ``max_waiting`` more wait up to ``queue_timeout`` seconds
+for a place in arrival order, and the rest get ``503 {"reason": "overloaded"}`` with
+``Retry-After`` at once. Nothing hangs and nothing fails for want of a connection.
+
+Paths in ``exempt`` (the health check, the metrics) skip the queue: they touch no database and
+must answer while the API is saturated.
+
+The body of a request is read under ``body_timeout`` (the whole body) and ``read_timeout`` (each
+chunk): a client that trickles its upload does not hold a place forever; it gets 408.
+
+Why not a library: Starlette, FastAPI and uvicorn offer only uvicorn's ``limit_concurrency``,
+which counts connections and answers 503 without Retry-After, for the health check too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterable
+
+from prometheus_client import Counter
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from provisioning.wire import ErrorBody
+
+
+class LoadShedding:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_in_flight: int,
+        max_waiting: int,
+        queue_timeout: float,
+        retry_after: float = 1.0,
+        body_timeout: float = 60.0,
+        read_timeout: float = 15.0,
+        exempt: Iterable[str] = ("/healthz", "/metrics"),
+        refused: Counter | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.max_waiting = max_waiting
+        self.queue_timeout = queue_timeout
+        self.retry_after = max(1, math.ceil(retry_after))
+        self.body_timeout = body_timeout
+        self.read_timeout = read_timeout
+        self.exempt = frozenset(exempt)
+        self.refused = refused
+        if refused is not None:
+            for reason in ("overloaded", "body_timeout"):
+                refused.labels(reason=reason)
+        self._slots: asyncio.Semaphore | None = None  # made on the server's event loop
+        self.in_flight = 0
+        self.waiting = 0
+        self.shed = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+        slots = self._slots
+        if slots.locked():
+            if self.waiting >= self.max_waiting:
+                await self._overloaded(send)
+                return
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(slots.acquire(), self.queue_timeout)
+            except TimeoutError:
+                await self._overloaded(send)
+                return
+            finally:
+                self.waiting -= 1
+        else:
+            await slots.acquire()
+        self.in_flight += 1
+        try:
+            await self.app(scope, self._timed(receive), send)
+        except _BodyTimeout:
+            self._count("body_timeout")
+            await _answer(send, 408, "body_timeout", "the request body arrived too slowly")
+        finally:
+            self.in_flight -= 1
+            slots.release()
+
+    def _timed(self, receive: Receive) -> Receive:
+        deadline = time.monotonic() + self.body_timeout
+
+        async def timed_receive() -> Message:
+            left = min(self.read_timeout, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.001))
+            except TimeoutError:
+                raise _BodyTimeout from None
+            return message
+
+        return timed_receive
+
+    def _count(self, reason: str) -> None:
+        if self.refused is not None:
+            self.refused.labels(reason=reason).inc()
+
+    async def _overloaded(self, send: Send) -> None:
+        self.shed += 1
+        self._count("overloaded")
+        await _answer(
+            send,
+            503,
+            "overloaded",
+            f"the gateway is busy; try again in {self.retry_after} s",
+            {"Retry-After": str(self.retry_after)},
+        )
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+async def _answer(
+    send: Send, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    body = ErrorBody(detail=detail, reason=reason).model_dump()
+    response = JSONResponse(body, status_code=status, headers=headers)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
