@@ -67,6 +67,8 @@ def decode_json(body: bytes) -> Any:
         raise BatchRejected("non_numeric", f"{exc} is not a number JSON allows") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BatchRejected("malformed_json", f"body is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise BatchRejected("malformed_json", "body nests too deeply for telemetry") from None
 
 
 def samples_from_request(doc: Any, metric: str | None, now: float) -> list[Sample]:

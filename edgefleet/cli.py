@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from edgefleet import cmd_agent, cmd_flows, cmd_gateway, cmd_operator, cmd_telemetry, cmd_tunnel
-from edgefleet.output import CommandError
+from edgefleet.output import CommandError, TerminalSafe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Which optional install each command's code needs (see pyproject.toml).
 _EXTRA_OF = {"gateway": "gateway", "admin": "gateway", "agent": "agent"}
+# Commands that run a long-lived side (their output is their log) print as they are; every other
+# command shows what the gateway said, which includes what machines reported: escaped.
+_RAW_OUTPUT = frozenset({"gateway", "agent"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,6 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command in _RAW_OUTPUT:
+        return _run_command(args)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = TerminalSafe(stdout)  # type: ignore[assignment]
+    sys.stderr = TerminalSafe(stderr)  # type: ignore[assignment]
+    try:
+        return _run_command(args)
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except CommandError as exc:

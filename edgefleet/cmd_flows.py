@@ -22,6 +22,7 @@ from edgefleet.output import (
     parse_tags,
     print_json,
     print_table,
+    write_control,
 )
 
 DEVICE_STATES = (
@@ -74,6 +75,12 @@ def _release_options(parser: argparse.ArgumentParser) -> None:
         help="add this `npm pack` tarball to the gateway's module cache and list its module",
     )
     parser.add_argument("--notes", default="", help="release notes")
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="release a flows file with no nodes at all (deploying it removes every flow "
+        "from the machines); refused without this flag",
+    )
 
 
 def _register_flows(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -246,7 +253,13 @@ def _make_release(
             "from the Node-RED editor again"
         ) from exc
     release: dict[str, Any] = client.post(
-        "/flows/releases", json={"flows_json": text, "modules": modules, "notes": args.notes}
+        "/flows/releases",
+        json={
+            "flows_json": text,
+            "modules": modules,
+            "notes": args.notes,
+            "allow_empty": args.allow_empty,
+        },
     )
     for warning in release["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -413,7 +426,7 @@ def follow(
             lines = render(deployment, time.monotonic() - started)
             if tty:
                 if drawn:
-                    out.write(f"\x1b[{drawn}F\x1b[J")
+                    write_control(out, f"\x1b[{drawn}F\x1b[J")
                 out.write("\n".join(lines) + "\n")
                 drawn = len(lines)
             elif lines[1:] != last[1:] or deployment["state"] != "running":

@@ -3,10 +3,51 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
+
+from provisioning.device_input import UNSAFE_IN_TEXT
+
+
+def safe(text: str) -> str:
+    """`text` with every character a terminal would interpret written as a visible escape
+    (ESC becomes ``\\x1b``): what machines reported is shown, never obeyed."""
+    return UNSAFE_IN_TEXT.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class TerminalSafe:
+    """A text stream that writes everything through `safe` (the operator commands print through
+    it: device names, versions and error messages come from machines). `write_control` is for
+    the CLI's own escape sequences (the live deployment view)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(safe(text))
+
+    def write_control(self, sequence: str) -> int:
+        return self._stream.write(sequence)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+def write_control(stream: IO[str], sequence: str) -> None:
+    """Write the CLI's own control sequence, past `TerminalSafe` if the stream is one."""
+    raw = getattr(stream, "write_control", None)
+    if raw is not None:
+        raw(sequence)
+    else:
+        stream.write(sequence)
 
 
 class CommandError(Exception):

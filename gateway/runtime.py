@@ -9,6 +9,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.commands import CommandPublisher, ReplyHooks
+from gateway.enroll_guard import EnrollGuard
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
 from gateway.leader import SingletonJobs
@@ -28,9 +29,16 @@ class GatewayRuntime:
     jobs: SingletonJobs | None = None
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     """This gateway's Prometheus metrics (served at /metrics); never the global registry."""
+    enroll_guard: EnrollGuard | None = None
+    """Failed enrollments per client address (built from the settings on first use)."""
     mqtt_engine: Engine | None = None
     """The MQTT side's own database connections (ingest, status, replies), which API traffic
     cannot take; None: it shares `engine` (tests of one part alone)."""
+
+    def enrollments(self) -> EnrollGuard:
+        if self.enroll_guard is None:
+            self.enroll_guard = EnrollGuard(self.settings.enroll_failures_per_minute)
+        return self.enroll_guard
 
     @property
     def listener_engine(self) -> Engine:

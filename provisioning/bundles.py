@@ -46,6 +46,11 @@ MAX_FLOWS_BYTES: Final = 5 * 1024 * 1024
 """Node-RED's default `apiMaxLength` is 5 MB: a bigger flows file would be refused by the
 Admin API on the machine, so it is refused here first."""
 
+MAX_JSON_DEPTH: Final = 100
+"""Deepest nesting of arrays and objects a flows file or bundle may have. Real flows nest a
+handful of levels; a limit well below Python's recursion limit keeps every later step (the
+canonical encoding, the agent's own parse, Node-RED's) far from it."""
+
 # Node types Node-RED's own `node-red` module registers (package @node-red/nodes, core/**).
 # Generated from Node-RED 4.1.15 with:
 #   grep -rhoE "registerType\(['\"][^'\"]+" node_modules/@node-red/nodes/core --include=*.js
@@ -147,10 +152,22 @@ class BundleDigestMismatch(InvalidBundle):
 
 
 def canonical_json(value: Any) -> bytes:
-    """The one encoding hashed for content addresses: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    """The one encoding hashed for content addresses: sorted keys, no whitespace, UTF-8.
+
+    Raises `InvalidBundle` for what has no such encoding (a lone surrogate, nesting past
+    Python's recursion limit); `_load_json` refuses both before a document gets here.
+    """
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidBundle(
+            f"the document holds a lone UTF-16 surrogate ({exc.object[exc.start : exc.end]!a}), "
+            "which is not a character and has no UTF-8 encoding"
+        ) from None
+    except RecursionError:
+        raise InvalidBundle(f"the document nests deeper than {MAX_JSON_DEPTH} levels") from None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -169,7 +186,16 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _load_json(data: bytes | str, what: str, max_bytes: int) -> Any:
     """Parse strictly: no NaN/Infinity and no duplicate keys, since both would make the
     canonical encoding (and so the digest) ambiguous."""
-    size = len(data.encode("utf-8") if isinstance(data, str) else data)
+    if isinstance(data, str):
+        try:
+            size = len(data.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidFlows(
+                f"{what} holds a lone UTF-16 surrogate, which is not a character; "
+                "remove it or write the character itself"
+            ) from None
+    else:
+        size = len(data)
     if size > max_bytes:
         raise InvalidFlows(
             f"{what} is {size} bytes, more than the limit of {max_bytes} bytes "
@@ -186,15 +212,62 @@ def _load_json(data: bytes | str, what: str, max_bytes: int) -> Any:
     else:
         text = data
     try:
-        return json.loads(
+        document = json.loads(
             text, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys
         )
     except json.JSONDecodeError as exc:
         raise InvalidFlows(
             f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except RecursionError:
+        raise InvalidFlows(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise InvalidFlows(f"{what} is not usable JSON: {exc}") from exc
+    _check_depth(document, what)
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(document):
+        raise InvalidFlows(
+            f"{what} holds a lone UTF-16 surrogate escape such as \\ud800, which is not a "
+            "character; remove it or write the character itself"
+        )
+    return document
+
+
+# Text that came from UTF-8 (or a str that encodes to it) has no surrogates; only JSON's
+# "\\ud800"-style escapes can make one, and pairs of them are fine (an emoji), so the document
+# is searched only when the text holds such an escape.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _check_depth(document: Any, what: str) -> None:
+    """Refuse nesting past `MAX_JSON_DEPTH`, level by level (no recursion, whatever the input)."""
+    level = [document]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidFlows(
+                f"{what} nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects; "
+                "Node-RED flows need a handful"
+            )
+        below: list[Any] = []
+        for value in level:
+            items = value.values() if type(value) is dict else value
+            below += [item for item in items if type(item) is dict or type(item) is list]
+        level = below
+
+
+def _has_lone_surrogate(document: Any) -> bool:
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        items = itertools.chain(value.keys(), value.values()) if type(value) is dict else value
+        for item in items:
+            if type(item) is str and _SURROGATE.search(item):
+                return True
+            if type(item) is dict or type(item) is list:
+                stack.append(item)
+    return False
 
 
 def _describe(index: int, node: dict[str, Any]) -> str:

@@ -44,9 +44,11 @@ HOSTNAME_PATTERN: Final = r"^[A-Za-z0-9_.:-]*$"
 COMMAND_ID_PATTERN: Final = r"^(?:[A-Za-z0-9_-]{1,64}|\?)$"
 """A command id, or ``?`` for a reply to a command the agent could not even read."""
 
-# C0 controls other than tab and line feed, DEL, C1 controls, and the Unicode bidirectional
-# overrides and isolates (text that reorders what a reader sees, "Trojan source").
-_UNSAFE_IN_TEXT: Final = re.compile(
+# What a terminal would act on: C0 controls but tab and line feed (ESC starts the sequences that
+# move the cursor, clear the screen, retitle the window), DEL, the C1 controls (0x9b is a CSI on
+# its own), and Unicode's bidirectional overrides and isolates, which reorder what a reader sees
+# ("Trojan source").
+UNSAFE_IN_TEXT: Final = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
 )
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
@@ -140,4 +142,4 @@ def fits_json(value: Any, max_bytes: int) -> bool:
 
 def has_unsafe_characters(text: str) -> bool:
     """Whether `text` holds anything a terminal would interpret (see the module's list)."""
-    return _UNSAFE_IN_TEXT.search(text) is not None
+    return UNSAFE_IN_TEXT.search(text) is not None

@@ -114,6 +114,9 @@ def _decode(
         raise TokenRejected("not_yet_valid", "the token is issued in the future") from exc
     except jwt.InvalidTokenError as exc:
         raise TokenRejected("malformed", f"invalid token: {exc}") from exc
+    if not isinstance(claims.get("aud"), str):
+        # PyJWT accepts a list that contains the audience; a token is for one party only.
+        raise TokenRejected("wrong_audience", f"aud must be the one string {audience!r}")
     _check_times(claims, now if now is not None else time.time(), check_exp=now is not None)
     return claims
 

@@ -32,6 +32,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from wireguard_tools import WireguardConfig, WireguardKey, WireguardPeer
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,24 @@ def normalize_key(text: str, what: str = "public key") -> str:
     Raises WgKeyError naming `what` so a caller sees which field was wrong.
     """
     return str(_parse_key(text, what))
+
+
+def normalize_public_key(text: str, what: str = "public key") -> str:
+    """`normalize_key` for a peer's public key from outside (an engineer, a device).
+
+    A key of small order (the all-zero key among them) is refused: every Diffie-Hellman with it
+    gives the same all-zero secret, so a peer with it authenticates nothing. X25519 itself says
+    so (the exchange fails), so that is the check.
+    """
+    key = _parse_key(text, what)
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key.keydata))
+    except ValueError:
+        raise WgKeyError(
+            f"{what} is a key of small order (such as all zeros), which WireGuard cannot use; "
+            "make a real one with `wg genkey | wg pubkey`"
+        ) from None
+    return str(key)
 
 
 def _parse_key(text: str, what: str) -> WireguardKey:

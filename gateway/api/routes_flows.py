@@ -46,7 +46,7 @@ def create_release(
     body: ReleaseCreate, session: SessionDep, who: OperatorDep, response: Response
 ) -> ReleaseCreated:
     row, created = releases.create_release(
-        session, body.flows_json, body.modules, body.notes, who.actor
+        session, body.flows_json, body.modules, body.notes, who.actor, allow_empty=body.allow_empty
     )
     if not created:
         response.status_code = status.HTTP_200_OK

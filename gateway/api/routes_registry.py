@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 
 from gateway import audit, commands, devices, tokens
 from gateway.api.deps import Admin, DeviceDep, OperatorDep, RuntimeDep, SessionDep, Viewer
@@ -21,7 +21,7 @@ from gateway.api.schemas import (
     ProvisioningTokenOut,
 )
 from gateway.devices import EnrollContext
-from gateway.errors import Conflict, NotFound
+from gateway.errors import Conflict, Invalid, NotFound, Unauthorized
 from gateway.models import CommandRecord
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
@@ -38,14 +38,23 @@ router = APIRouter(prefix="/api/v1", responses=_errors)
     tags=["agent"],
     summary="Enroll a machine with a provisioning token and its public key",
 )
-def enroll(body: EnrollRequest, session: SessionDep, runtime: RuntimeDep) -> EnrollResponse:
+def enroll(
+    body: EnrollRequest, session: SessionDep, runtime: RuntimeDep, request: Request
+) -> EnrollResponse:
     ctx = EnrollContext(
         identity=runtime.identity,
         broker=runtime.broker,
         broker_info=runtime.broker_info,
         topic_prefix=runtime.settings.topic_prefix,
     )
-    return devices.enroll(session, body, ctx)
+    guard = runtime.enrollments()
+    address = request.client.host if request.client else "unknown"
+    guard.check(address)
+    try:
+        return devices.enroll(session, body, ctx)
+    except (Unauthorized, Invalid, Conflict) as exc:
+        guard.failed(session, address, exc)
+        raise
 
 
 @router.get("/agent/self", response_model=DeviceSelf, tags=["agent"], summary="Who am I")

@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from gateway.api.deps import RuntimeDep, SessionDep, Viewer
+from gateway.api.times import QueryTime
 from gateway.errors import Invalid, NotFound
 from gateway.models import Device
 from gateway.telemetry import queries
@@ -35,13 +36,13 @@ router = APIRouter(
 )
 
 Since = Annotated[
-    datetime | None,
+    QueryTime | None,
     Query(
         description="Start (inclusive); ISO 8601 or unix seconds. Default: an hour before until."
     ),
 ]
 Until = Annotated[
-    datetime | None, Query(description="End (exclusive); ISO 8601 or unix seconds. Default: now.")
+    QueryTime | None, Query(description="End (exclusive); ISO 8601 or unix seconds. Default: now.")
 ]
 
 

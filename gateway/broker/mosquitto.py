@@ -36,6 +36,7 @@ from gateway.broker.pki import (
     ensure_server_certificate,
     write_private_file,
 )
+from provisioning.device_input import MAX_MQTT_PACKET_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +339,9 @@ class MosquittoSupervisor:
             f"max_queued_bytes {MAX_QUEUED_BYTES}",
             f"persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}",
             "set_tcp_nodelay true",
+            # A client publishing more is disconnected by the broker itself; the gateway checks
+            # each message's own limit again (telemetry, status, replies).
+            f"max_packet_size {MAX_MQTT_PACKET_BYTES}",
             f"plugin {_config_value(find_dynsec_plugin())}",
             f"plugin_opt_config_file {_config_value(self._dynsec_path)}",
             "",

@@ -5,7 +5,12 @@ the tarballs the operator added here. A tarball is immutable under its name and 
 upload of the same version with other bytes is refused), and the node types it registers are read
 from its files so that a release can say which of its types no listed module provides.
 
-The tarball is read in memory with hard limits (members, bytes per file) and never extracted.
+The tarball is handled like an archive from a stranger, since machines will hand it to npm: it is
+read in memory and never extracted, and refused unless every member is a plain file or directory
+under ``package/`` (no absolute paths, no ``..``, no symbolic or hard links, no devices), with at
+most `_MAX_MEMBERS` members and `_MAX_UNPACKED_BYTES` unpacked. The first pass streams the
+archive through a decompressor that stops at that limit, so a decompression bomb is refused
+after at most that many bytes, not unpacked whole.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ __all__ = ["ModuleSummary", "add_module", "get_module", "list_modules", "modules
 
 _MAX_MEMBERS: Final = 5000
 _MAX_READ_BYTES: Final = 8 * 1024 * 1024
+_MAX_UNPACKED_BYTES: Final = 256 * 1024 * 1024
+_TAR_SLACK: Final = 16 * 1024 * 1024  # headers and padding beyond the members' own bytes
+_PACKAGE_ROOT: Final = "package"
 _REGISTER_TYPE = re.compile(r"""registerType\(\s*(['"])([^'"\\]{1,200})\1""")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -74,9 +82,72 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return handle.read()
 
 
+class _Capped(io.RawIOBase):
+    """A decompressed stream that refuses to give more than `limit` bytes."""
+
+    def __init__(self, source: gzip.GzipFile, limit: int) -> None:
+        self._source = source
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)
+        got = self._source.read(min(len(view), self._left + 1))
+        if len(got) > self._left:
+            raise Invalid(
+                "bad_tarball",
+                f"the tarball unpacks to more than {_MAX_UNPACKED_BYTES} bytes; it was refused "
+                "without unpacking the rest",
+            )
+        self._left -= len(got)
+        view[: len(got)] = got
+        return len(got)
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why `member` may not be in a module tarball, or None."""
+    name = member.name
+    if member.issym() or member.islnk():
+        return f"{name!r} is a link; a module tarball holds plain files only"
+    if not (member.isfile() or member.isdir()):
+        return f"{name!r} is not a plain file or directory"
+    normal = posixpath.normpath(name)
+    if name.startswith("/") or normal.startswith("/"):
+        return f"{name!r} is an absolute path"
+    inside = normal == _PACKAGE_ROOT or normal.startswith(_PACKAGE_ROOT + "/")
+    if ".." in name.split("/") or not inside:
+        return f"{name!r} lies outside package/"
+    if "\\" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return f"{name!a} holds a backslash or a control character"
+    return None
+
+
+def _check_members(data: bytes) -> None:
+    """First pass, streaming under the unpacked-size cap: every member's kind, path and size."""
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data))
+    capped = io.BufferedReader(_Capped(stream, _MAX_UNPACKED_BYTES + _TAR_SLACK))
+    total = 0
+    with tarfile.open(fileobj=capped, mode="r|") as archive:
+        for count, member in enumerate(archive, start=1):
+            if count > _MAX_MEMBERS:
+                raise Invalid("bad_tarball", f"the tarball has more than {_MAX_MEMBERS} files")
+            problem = _member_problem(member)
+            if problem is not None:
+                raise Invalid("bad_tarball", f"{problem}; make the tarball with `npm pack`")
+            total += member.size
+            if total > _MAX_UNPACKED_BYTES:
+                raise Invalid(
+                    "bad_tarball",
+                    f"the tarball's files add up to more than {_MAX_UNPACKED_BYTES} bytes",
+                )
+
+
 def _inspect(data: bytes) -> _Package:
     """Name, version and registered node types of an `npm pack` tarball, or Invalid."""
     try:
+        _check_members(data)
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")  # noqa: SIM115
     except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise Invalid("bad_tarball", f"not a gzipped tarball as `npm pack` makes ({exc})") from exc
@@ -97,8 +168,12 @@ def _inspect(data: bytes) -> _Package:
                 )
             manifest = _parse_manifest(_read_member(archive, manifest_member))
             name, version = manifest.get("name"), manifest.get("version")
+            if not isinstance(name, str) or not isinstance(version, str):
+                raise Invalid(
+                    "bad_tarball", "package.json needs a string 'name' and a string 'version'"
+                )
             try:
-                ref = ModuleRef(name=str(name), version=str(version))
+                ref = ModuleRef(name=name, version=version)
             except ValueError as exc:
                 raise Invalid("bad_tarball", f"package.json: {exc}") from exc
             node_files = _node_files(manifest, ref)
@@ -117,7 +192,9 @@ def _inspect(data: bytes) -> _Package:
 def _parse_manifest(raw: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(raw)
-    except ValueError as exc:
+    except RecursionError:
+        raise Invalid("bad_tarball", "package/package.json nests too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError too
         raise Invalid("bad_tarball", f"package/package.json is not JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise Invalid("bad_tarball", "package/package.json is not a JSON object")

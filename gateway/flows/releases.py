@@ -99,14 +99,27 @@ def _analyse(session: Session, bundle: Bundle) -> tuple[list[str], list[str]]:
 
 
 def create_release(
-    session: Session, flows_json: str, modules: list[str], notes: str, actor: str
+    session: Session,
+    flows_json: str,
+    modules: list[str],
+    notes: str,
+    actor: str,
+    *,
+    allow_empty: bool = False,
 ) -> tuple[FlowRelease, bool]:
-    """Validate and store a release; returns (release, created)."""
+    """Validate and store a release; returns (release, created). A flows file without nodes
+    would wipe the machines' flows: it is refused unless `allow_empty`."""
     refs: list[ModuleRef] = [parse_module_ref(spec) for spec in modules]
     try:
         bundle = Bundle.create(flows_json, refs)
     except InvalidBundle as exc:
         raise Invalid("invalid_flows", exc.reason) from exc
+    if not bundle.flows and not allow_empty:
+        raise Invalid(
+            "empty_flows",
+            "the flows file holds no nodes: deploying it would remove every flow from the "
+            "machines; if that is what you want, say so (allow_empty, or --allow-empty)",
+        )
     digest = bundle.digest
     existing = session.get(FlowRelease, digest)
     if existing is not None:

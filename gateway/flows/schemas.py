@@ -31,6 +31,11 @@ class ReleaseCreate(BaseModel):
         description="Node modules the flows need, each name@exact-version.",
     )
     notes: str = Field(default="", max_length=4000)
+    allow_empty: bool = Field(
+        default=False,
+        description="Accept a flows file with no nodes (`[]`): deploying it removes every flow "
+        "from the machines, so it must be asked for.",
+    )
 
 
 class ReleaseOut(BaseModel):

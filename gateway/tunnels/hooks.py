@@ -18,7 +18,7 @@ from gateway.models import CommandRecord
 from gateway.tunnels import states
 from gateway.tunnels.lifecycle import begin_close, transition
 from gateway.tunnels.models import TunnelRecord
-from provisioning.wg import WgKeyError, normalize_key
+from provisioning.wg import WgKeyError, normalize_public_key
 from provisioning.wire import Reply
 
 Notify = Callable[[], None]
@@ -30,7 +30,7 @@ def _tunnel(session: Session, record: CommandRecord) -> TunnelRecord | None:
 
 def _device_key(tunnel: TunnelRecord, reply: Reply) -> str | None:
     try:
-        key = normalize_key(str(reply.data.get("public_key", "")), "device public key")
+        key = normalize_public_key(str(reply.data.get("public_key", "")), "device public key")
     except WgKeyError:
         return None
     if key in (tunnel.engineer_public_key, tunnel.hub_public_key):

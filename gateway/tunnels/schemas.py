@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.tunnels.addresses import PoolUsage
 from gateway.tunnels.models import HubRecord, TunnelRecord
-from provisioning.wg import normalize_key
+from provisioning.wg import normalize_public_key
 from provisioning.wire import DEVICE_ID_PATTERN
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -51,7 +51,7 @@ class TunnelOpen(BaseModel):
     @field_validator("engineer_public_key")
     @classmethod
     def _key(cls, value: str) -> str:
-        return normalize_key(value, "engineer public key")
+        return normalize_public_key(value, "engineer public key")
 
 
 class TunnelClose(BaseModel):
