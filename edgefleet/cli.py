@@ -62,8 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in _RAW_OUTPUT:
         return _run_command(args)
     stdout, stderr = sys.stdout, sys.stderr
-    sys.stdout = TerminalSafe(stdout)  # type: ignore[assignment]
-    sys.stderr = TerminalSafe(stderr)  # type: ignore[assignment]
+    sys.stdout = TerminalSafe(stdout)
+    sys.stderr = TerminalSafe(stderr)
     try:
         return _run_command(args)
     finally:
