@@ -115,6 +115,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DURATION",
         help="longest tunnel an operator may open, e.g. 4h (default 12h)",
     )
+    limits = run.add_argument_group(
+        "load",
+        "beyond these the gateway answers 503 with Retry-After; more in EDGEFLEET_HTTP_* "
+        "(queue timeout, header, body and read timeouts)",
+    )
+    limits.add_argument(
+        "--http-max-in-flight",
+        type=int,
+        metavar="N",
+        help="API requests run at once, the rest wait briefly (default 16)",
+    )
+    limits.add_argument(
+        "--http-max-connections",
+        type=int,
+        metavar="N",
+        help="open HTTP connections; more are closed at once (default 2000)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     run.set_defaults(func=_run)
 
@@ -198,6 +215,8 @@ def _run(args: argparse.Namespace) -> None:
             "tunnel_network",
             "tunnel_mtu",
             "tunnel_max_ttl",
+            "http_max_in_flight",
+            "http_max_connections",
         ),
     )
     from gateway.broker.dynsec import BrokerError

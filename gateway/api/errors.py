@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api.early_answer import EarlyAnswer, answer
 from gateway.errors import GatewayError
 from provisioning.wire import ErrorBody
 
@@ -122,36 +123,24 @@ class BodySizeLimit:
         limit = self._limit(scope["path"])
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await self._too_large(send, limit)
+                await answer(send, 413, "too_large", _too_large(limit))
                 return
         seen = 0
+        early = EarlyAnswer(send)
 
         async def limited_receive() -> Message:
             nonlocal seen
+            if early.answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge
+                if seen > limit:  # chunked, or a Content-Length that lied
+                    return await early.answer(413, "too_large", _too_large(limit))
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._too_large(send, limit)
-
-    @staticmethod
-    async def _too_large(send: Send, limit: int) -> None:
-        response = JSONResponse(
-            {"detail": f"request body larger than {limit} bytes", "reason": "too_large"},
-            status_code=413,
-        )
-        await response({"type": "http"}, _no_receive, send)
+        await self.app(scope, limited_receive, early.send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
+def _too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes"

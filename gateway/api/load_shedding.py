@@ -26,10 +26,9 @@ import time
 from collections.abc import Iterable
 
 from prometheus_client import Counter
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from provisioning.wire import ErrorBody
+from gateway.api.early_answer import EarlyAnswer, answer
 
 
 class LoadShedding:
@@ -87,24 +86,31 @@ class LoadShedding:
         else:
             await slots.acquire()
         self.in_flight += 1
+        early = EarlyAnswer(send)
         try:
-            await self.app(scope, self._timed(receive), send)
-        except _BodyTimeout:
-            self._count("body_timeout")
-            await _answer(send, 408, "body_timeout", "the request body arrived too slowly")
+            await self.app(scope, self._timed(receive, early), early.send)
         finally:
             self.in_flight -= 1
             slots.release()
 
-    def _timed(self, receive: Receive) -> Receive:
+    def _timed(self, receive: Receive, early: EarlyAnswer) -> Receive:
         deadline = time.monotonic() + self.body_timeout
+        body_done = False
 
         async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # waiting for a disconnect while the response streams: no deadline
+                return await receive()
             left = min(self.read_timeout, deadline - time.monotonic())
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
             except TimeoutError:
-                raise _BodyTimeout from None
+                self._count("body_timeout")
+                return await early.answer(
+                    408, "body_timeout", "the request body arrived too slowly"
+                )
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
             return message
 
         return timed_receive
@@ -116,26 +122,10 @@ class LoadShedding:
     async def _overloaded(self, send: Send) -> None:
         self.shed += 1
         self._count("overloaded")
-        await _answer(
+        await answer(
             send,
             503,
             "overloaded",
             f"the gateway is busy; try again in {self.retry_after} s",
             {"Retry-After": str(self.retry_after)},
         )
-
-
-class _BodyTimeout(Exception):
-    pass
-
-
-async def _answer(
-    send: Send, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
-) -> None:
-    body = ErrorBody(detail=detail, reason=reason).model_dump()
-    response = JSONResponse(body, status_code=status, headers=headers)
-    await response({"type": "http"}, _no_receive, send)
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
