@@ -241,7 +241,7 @@ _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 def _check_depth(document: Any, what: str) -> None:
     """Refuse nesting past `MAX_JSON_DEPTH`, level by level (no recursion, whatever the input)."""
-    level = [document]
+    level = [document] if type(document) is dict or type(document) is list else []
     depth = 0
     while level:
         depth += 1
