@@ -7,6 +7,7 @@ from prometheus_client import Counter
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
 from gateway.api.load_shedding import LoadShedding
+from gateway.api.openapi_limits import document_limits
 from gateway.api.routes_broker_hooks import router as broker_hooks_router
 from gateway.api.routes_flows import router as flows_router
 from gateway.api.routes_metrics import router as metrics_router
@@ -26,6 +27,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
     )
     app.state.runtime = runtime
     install_error_handlers(app)
+    document_limits(app, runtime.settings)
     app.include_router(registry_router)
     app.include_router(telemetry_router)
     app.include_router(metrics_router)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from provisioning.device_input import (
     MAX_REPLY_BYTES,
@@ -27,9 +27,22 @@ _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 DEFAULT_TOPIC_PREFIX = "fleet"
 SHARED_GROUP = "gateway"
 
-TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-TagValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{0,128}$")]
-Tags = dict[TagKey, TagValue]
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+TAG_VALUE_PATTERN = r"^[A-Za-z0-9_.:/-]{0,128}$"
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, StringConstraints(pattern=TAG_VALUE_PATTERN)]
+Tags = Annotated[
+    dict[TagKey, TagValue],
+    WithJsonSchema(  # pydantic leaves out that keys matching no pattern are refused
+        {
+            "type": "object",
+            "patternProperties": {
+                TAG_KEY_PATTERN: {"type": "string", "pattern": TAG_VALUE_PATTERN}
+            },
+            "additionalProperties": False,
+        }
+    ),
+]
 DeviceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 

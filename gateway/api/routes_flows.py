@@ -10,6 +10,7 @@ from gateway.api.deps import DeviceDep, OperatorDep, SessionDep, Viewer
 from gateway.flows import deployments, module_cache, releases
 from gateway.flows.deployments import DeploymentPlan
 from gateway.flows.schemas import (
+    RELEASE_REF_PATTERN,
     DeploymentCreate,
     DeploymentDetail,
     DeploymentDeviceOut,
@@ -66,7 +67,9 @@ def list_releases(
     tags=["flows"],
     summary="One release, by digest or a unique prefix of its hex digits",
 )
-def show_release(ref: str, session: SessionDep, _: Viewer) -> ReleaseOut:
+def show_release(
+    ref: Annotated[str, Path(pattern=RELEASE_REF_PATTERN)], session: SessionDep, _: Viewer
+) -> ReleaseOut:
     return ReleaseOut.of(releases.get_release(session, ref))
 
 

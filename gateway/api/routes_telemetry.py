@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -133,7 +133,10 @@ def export_csv(
     _: Viewer,
     since: Since = None,
     until: Until = None,
-    metric: Annotated[str | None, Query(description="Only this metric (default: all).")] = None,
+    metric: Annotated[
+        str | None,
+        Query(pattern=f"^{METRIC_PATTERN}$", description="Only this metric (default: all)."),
+    ] = None,
 ) -> StreamingResponse:
     _known_device(session, device_id)
     if metric is not None:
@@ -171,7 +174,7 @@ def export_csv(
 )
 def metric_range(
     device_id: str,
-    metric: str,
+    metric: Annotated[str, Path(pattern=f"^{METRIC_PATTERN}$")],
     session: SessionDep,
     runtime: RuntimeDep,
     _: Viewer,

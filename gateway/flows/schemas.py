@@ -14,6 +14,9 @@ from gateway.flows.targets import Target
 from provisioning.bundles import MAX_FLOWS_BYTES
 from provisioning.jwt_rules import MAX_COMMAND_LIFETIME
 
+RELEASE_REF_PATTERN = r"^(?:sha256:)?[0-9a-f]{6,64}$"
+"""A release digest, or a unique prefix of its hex digits (at least 6)."""
+
 ShareText = Annotated[str, StringConstraints(pattern=r"^\s*\d+(\.\d+)?\s*%?\s*$", max_length=16)]
 PercentText = Annotated[str, StringConstraints(pattern=r"^\s*\d+(\.\d+)?\s*%\s*$", max_length=16)]
 
@@ -80,7 +83,10 @@ class ModuleAdded(ModuleOut):
 class DeploymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    release: str = Field(description="A release digest, or a unique prefix of its hex digits.")
+    release: str = Field(
+        pattern=RELEASE_REF_PATTERN,
+        description="A release digest, or a unique prefix of its hex digits.",
+    )
     to: Target
     canary: ShareText | None = Field(
         default=None, description="First wave: N devices or P% of the target."

@@ -31,7 +31,21 @@ _SHARE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 class Target(BaseModel):
     """Exactly one of: `all`, `devices`, `tags`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # the document says what `_exactly_one` checks
+            "minProperties": 1,
+            "maxProperties": 1,
+            "oneOf": [
+                {"required": ["all"], "properties": {"all": {"const": True}}},
+                {"required": ["devices"], "properties": {"devices": {"type": "array"}}},
+                {
+                    "required": ["tags"],
+                    "properties": {"tags": {"type": "object", "minProperties": 1}},
+                },
+            ],
+        },
+    )
 
     all: bool = Field(default=False, description="Every active device.")
     devices: list[DeviceId] | None = Field(

@@ -13,6 +13,8 @@ from provisioning.wg import normalize_public_key
 from provisioning.wire import DEVICE_ID_PATTERN
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+"""32 bytes in standard base64, as `wg pubkey` prints them."""
 
 
 class TunnelOpen(BaseModel):
@@ -27,8 +29,9 @@ class TunnelOpen(BaseModel):
     )
     reason: str = Field(default="", max_length=200, description="Why (for the audit log).")
     engineer_public_key: str = Field(
+        pattern=WG_KEY_PATTERN,
         description="The engineer's WireGuard public key (44 base64 characters). The private "
-        "key stays on the engineer's machine."
+        "key stays on the engineer's machine.",
     )
     open_timeout: float | None = Field(
         default=None,
