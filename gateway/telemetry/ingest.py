@@ -391,8 +391,12 @@ class TelemetryIngest:
         self.metrics.batches.inc(len(result.stored))
         self.metrics.samples.inc(result.samples)
         self.metrics.duplicates.inc(result.duplicates)
+        committed = time.time()
+        observe = self.metrics.lag.observe
+        for batch in batches:  # the agent sends samples in time order: the last is the newest
+            observe(max(0.0, committed - batch.samples[-1][1]))
         if self._on_committed is not None:
-            self._on_committed(result, time.time())
+            self._on_committed(result, committed)
         return result
 
     def _retry(self, attempt: Callable[[], T]) -> T | None:

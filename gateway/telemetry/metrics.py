@@ -22,6 +22,11 @@ REFUSAL_REASONS: Final = frozenset(REASONS | {UNKNOWN_DEVICE})
 
 # Seconds; a commit of one write usually takes 1-50 ms, a stalled database much longer.
 _WRITE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Seconds from a batch's newest sample to its commit: fine steps, to read percentiles from.
+LAG_BUCKETS: Final = (
+    *(n / 1000 for n in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80)),
+    *(0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.5, 2, 3, 5, 10, 30, 60, 300),
+)
 
 
 class TelemetryMetrics:
@@ -60,6 +65,13 @@ class TelemetryMetrics:
             "edgefleet_telemetry_write_seconds",
             "Time to write and commit one group of batches.",
             buckets=_WRITE_BUCKETS,
+            registry=registry,
+        )
+        self.lag = Histogram(
+            "edgefleet_telemetry_lag_seconds",
+            "From a batch's last sample (the device's clock) to its commit here: how far the "
+            "stored telemetry trails the machines (publish, broker, queue and write).",
+            buckets=LAG_BUCKETS,
             registry=registry,
         )
         self.write_errors = Counter(
