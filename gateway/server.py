@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -102,7 +103,15 @@ def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
     raise _Terminated
 
 
+# How often a thread that wants the GIL may take it from one that runs (CPython's default is
+# 5 ms). The gateway mixes latency-bound threads (the event loop answering /healthz, the MQTT
+# writers) with CPU-bound request handlers; at 5 ms, a queue of busy handlers delays the loop by
+# that much per handler in line. 1 ms keeps both within bounds (bench/overload_bench.py).
+GIL_SWITCH_INTERVAL = 0.001
+
+
 def run_gateway(settings: GatewaySettings) -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # uvicorn re-raises the signal it stopped on once it is done; with this handler that
     # becomes an exception that unwinds the ExitStack instead of killing the process outright.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

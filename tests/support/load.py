@@ -137,7 +137,8 @@ def _requests(fleet: dict[str, Any]) -> list[tuple[str, str]]:
         ("viewer", "/api/v1/devices"),
         ("viewer", f"/api/v1/devices/{device}"),
         ("viewer", f"/api/v1/devices/{device}/telemetry/latest"),
-        ("viewer", f"/api/v1/devices/{device}/telemetry/load?since=0&every=86400000"),
+        # A live chart: the last ten seconds of a metric the devices send.
+        ("viewer", f"/api/v1/devices/{device}/telemetry/load?since={{now_minus_10}}"),
         ("viewer", "/api/v1/flows/releases"),
         ("operator", "/api/v1/provisioning-tokens"),
         ("operator", "/api/v1/deployments"),
@@ -167,6 +168,7 @@ async def _crowd(spec: dict[str, Any]) -> dict[str, Any]:
             rng = random.Random(n)
             while not stop.is_set():
                 role, path = rng.choice(plan)
+                path = path.replace("{now_minus_10}", f"{time.time() - 10:.3f}")
                 headers = {"Authorization": f"Bearer {spec['tokens'][role]}"}
                 try:
                     response = await client.get(path, headers=headers)
