@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from gateway.settings import GatewaySettings
+from provisioning.device_input import MAX_MQTT_PACKET_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose"
@@ -381,6 +382,9 @@ def test_cluster_emqx_asks_the_gateway_through_http_hooks() -> None:
     assert authn and authz
     assert authn.groups() == authz.groups() == ("proxy", "8080")
     assert re.search(r"no_match\s*=\s*deny", conf)
+    # The broker refuses a packet over the size the gateway accepts (plus topic and properties).
+    limit = re.search(r'max_packet_size = "(\d+)KB"', conf)
+    assert limit and int(limit.group(1)) * 1024 == MAX_MQTT_PACKET_BYTES
     # The replicas' service account comes first: they connect before any hook can answer.
     assert conf.index("backend = built_in_database") < conf.index("backend = http")
     # nginx serves the hooks on an internal listener that is not published, balanced over
