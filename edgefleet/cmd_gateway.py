@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--http-max-in-flight",
         type=int,
         metavar="N",
-        help="API requests run at once, the rest wait briefly (default 16)",
+        help="API requests run at once, the rest wait briefly (default 8)",
     )
     limits.add_argument(
         "--http-max-connections",

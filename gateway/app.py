@@ -58,6 +58,7 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         queue_timeout=settings.http_queue_timeout,
         body_timeout=settings.http_body_timeout,
         read_timeout=settings.http_read_timeout,
+        yield_to=lambda: runtime.devices_first is not None and runtime.devices_first(),
         refused=Counter(
             "edgefleet_http_refused",
             "HTTP requests refused before they ran, by reason (overloaded: 503 with "

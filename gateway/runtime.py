@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -31,6 +32,9 @@ class GatewayRuntime:
     """This gateway's Prometheus metrics (served at /metrics); never the global registry."""
     enroll_guard: EnrollGuard | None = None
     """Failed enrollments per client address (built from the settings on first use)."""
+    devices_first: Callable[[], bool] | None = None
+    """True while the MQTT side trails the machines (the telemetry ingest sets it up): the API
+    lets new requests wait meanwhile, so its threads leave the interpreter to the ingest."""
     mqtt_engine: Engine | None = None
     """The MQTT side's own database connections (ingest, status, replies), which API traffic
     cannot take; None: it shares `engine` (tests of one part alone)."""

@@ -57,7 +57,7 @@ class GatewaySettings(BaseSettings):
     max_request_bytes: int = 64 * 1024
     # Load shedding (gateway/api/load_shedding.py) and the HTTP server's own limits.
     http_max_in_flight: int = Field(
-        default=16,
+        default=8,
         ge=1,
         le=1000,
         description="API requests run at once; the API's database pool is sized to match.",
@@ -79,6 +79,12 @@ class GatewaySettings(BaseSettings):
     )
     http_read_timeout: float = Field(
         default=15.0, gt=0, description="Seconds a body may pause between two chunks."
+    )
+    http_yield_lag: float = Field(
+        default=0.05,
+        gt=0,
+        description="While the telemetry ingest trails the machines by more than this many "
+        "seconds, new API requests wait (then 503): device data comes first.",
     )
     enroll_failures_per_minute: int = Field(
         default=10,

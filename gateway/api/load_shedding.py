@@ -11,6 +11,12 @@ for a place in arrival order, and the rest get ``503 {"reason": "overloaded"}`` 
 Paths in ``exempt`` (the health check, the metrics) skip the queue: they touch no database and
 must answer while the API is saturated.
 
+Device data comes first: while ``yield_to()`` says so (the telemetry ingest trails the machines
+by more than ``http_yield_lag``), new requests wait too, up to the same ``queue_timeout``. The
+API's handlers and the ingest's writer are threads of one interpreter, which hands its lock to
+each runnable thread in turn: sixteen busy handlers leave the writer a seventeenth of the time,
+and telemetry would fall ever further behind while a crowd reads.
+
 The body of a request is read under ``body_timeout`` (the whole body) and ``read_timeout`` (each
 chunk): a client that trickles its upload does not hold a place forever; it gets 408.
 
@@ -23,12 +29,15 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Final
 
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.early_answer import EarlyAnswer, answer
+
+_YIELD_POLL: Final = 0.02
 
 
 class LoadShedding:
@@ -44,6 +53,7 @@ class LoadShedding:
         read_timeout: float = 15.0,
         exempt: Iterable[str] = ("/healthz", "/metrics"),
         refused: Counter | None = None,
+        yield_to: Callable[[], bool] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -56,13 +66,15 @@ class LoadShedding:
         self.read_timeout = read_timeout
         self.exempt = frozenset(exempt)
         self.refused = refused
+        self.yield_to = yield_to
+        self._gate: asyncio.Event | None = None
+        self._watcher: asyncio.Task[None] | None = None
         if refused is not None:
             for reason in ("overloaded", "body_timeout"):
                 refused.labels(reason=reason)
         self._slots: asyncio.Semaphore | None = None  # made on the server's event loop
         self.in_flight = 0
         self.waiting = 0
-        self.shed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt:
@@ -71,6 +83,8 @@ class LoadShedding:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_in_flight)
         slots = self._slots
+        if self.yield_to is not None and self.yield_to() and not await self._yield(send):
+            return
         if slots.locked():
             if self.waiting >= self.max_waiting:
                 await self._overloaded(send)
@@ -92,6 +106,36 @@ class LoadShedding:
         finally:
             self.in_flight -= 1
             slots.release()
+
+    async def _yield(self, send: Send) -> bool:
+        """Wait while `yield_to` says the devices come first; False: refused (503) instead.
+
+        One watcher task asks `yield_to` every `_YIELD_POLL` seconds and opens a gate for all
+        the waiting requests at once (a poll per waiting request would itself keep the
+        interpreter busy)."""
+        if self.waiting >= self.max_waiting:
+            await self._overloaded(send)
+            return False
+        if self._gate is None:
+            self._gate = asyncio.Event()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch(self._gate))
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._gate.wait(), self.queue_timeout)
+        except TimeoutError:
+            await self._overloaded(send)
+            return False
+        finally:
+            self.waiting -= 1
+        return True
+
+    async def _watch(self, gate: asyncio.Event) -> None:
+        """Close the gate while the devices come first; end once it is open again."""
+        gate.clear()
+        while self.yield_to is not None and self.yield_to():
+            await asyncio.sleep(_YIELD_POLL)
+        gate.set()
 
     def _timed(self, receive: Receive, early: EarlyAnswer) -> Receive:
         deadline = time.monotonic() + self.body_timeout
@@ -120,7 +164,6 @@ class LoadShedding:
             self.refused.labels(reason=reason).inc()
 
     async def _overloaded(self, send: Send) -> None:
-        self.shed += 1
         self._count("overloaded")
         await answer(
             send,

@@ -83,6 +83,7 @@ _RETRY_MAX: Final = 30.0
 _IDLE_POLL: Final = 0.2
 _TOPIC_CACHE: Final = 100_000
 _LEAVE_QUIET: Final = 0.5
+_BEHIND_FOR: Final = 1.0
 
 Committed = Callable[[WriteResult, float], None]
 T = TypeVar("T")
@@ -157,6 +158,10 @@ class TelemetryIngest:
         self._unsubscribed = threading.Event()
         self._session_ended = False
         self._generation = 0
+        self.trailing = 0.0
+        """Seconds the newest batch of the last write trailed its device's clock at its commit
+        (written by the writer thread, read by anyone: how far behind the ingest is)."""
+        self._last_write = 0.0
         self._received = 0  # network thread only
         self._settled = 0  # writer thread only: acknowledged, or left to the broker to resend
         self._writer = threading.Thread(target=self._write_loop, name="telemetry-writer")
@@ -247,6 +252,11 @@ class TelemetryIngest:
     def connected(self) -> bool:
         """Connected and subscribed."""
         return self._connected.is_set()
+
+    def behind(self, seconds: float) -> bool:
+        """Whether the ingest trails the machines by more than `seconds`: its last write, a
+        moment ago, did (an ingest that has nothing to write is behind nothing)."""
+        return self.trailing > seconds and time.monotonic() - self._last_write < _BEHIND_FOR
 
     def outstanding(self) -> int:
         """Messages received and neither acknowledged nor given back to the broker."""
@@ -393,8 +403,13 @@ class TelemetryIngest:
         self.metrics.duplicates.inc(result.duplicates)
         committed = time.time()
         observe = self.metrics.lag.observe
+        trailing = 0.0
         for batch in batches:  # the agent sends samples in time order: the last is the newest
-            observe(max(0.0, committed - batch.samples[-1][1]))
+            lag = max(0.0, committed - batch.samples[-1][1])
+            observe(lag)
+            trailing = max(trailing, lag)
+        self.trailing = trailing
+        self._last_write = time.monotonic()
         if self._on_committed is not None:
             self._on_committed(result, committed)
         return result

@@ -25,6 +25,7 @@ def start_telemetry(
     ingest = TelemetryIngest(endpoint, runtime.listener_engine, runtime.topics, options, metrics)
     ingest.start()
     stack.callback(ingest.stop, leave=settings.telemetry_leave_on_stop)
+    runtime.devices_first = lambda: ingest.behind(settings.http_yield_lag)
     retention = RetentionJob(
         runtime.engine,
         settings.telemetry_retention,
