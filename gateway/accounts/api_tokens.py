@@ -199,8 +199,8 @@ def authenticate(session: Session, secret: str) -> Principal:
     if user is None or user.disabled_at is not None:
         raise Unauthorized("user_disabled", f"the user of API token {row.id} is disabled")
     role = Role(row.role)
-    if not role.within(user.role):  # the user was demoted since: the token follows
-        role = user.role
+    if not role.within(Role(user.role)):  # the user was demoted since: the token follows
+        role = Role(user.role)
     if row.last_used_at is None or now - row.last_used_at >= TOUCH_EVERY:
         row.last_used_at = now
         session.add(row)

@@ -9,7 +9,7 @@ from gateway.accounts import api_tokens, sessions, users
 from gateway.accounts.models import User
 from gateway.accounts.principal import Actor, Principal, PrincipalKind, actor_label
 from gateway.db import utcnow
-from gateway.models import ApiToken
+from gateway.models import ApiToken, Role
 from gateway.settings import GatewaySettings
 
 
@@ -17,7 +17,7 @@ def _as_principal(user: User) -> Principal:
     return Principal(
         PrincipalKind.session,
         Actor(actor_label(user.email, user.id), user_id=user.id),
-        role=user.role,
+        role=Role(user.role),
         user_id=user.id,
         email=user.email,
         customer_id=user.customer_id,

@@ -150,11 +150,11 @@ def list_users(
 def disable(session: Session, who: Principal, ref: str) -> User:
     """Disable a user: their sessions end and their tokens stop working at once."""
     row = resolve(session, who, ref)
-    if who.is_customer and not row.role.is_customer:
+    if who.is_customer and not Role(row.role).is_customer:
         raise NotFound("unknown_user", f"no user {ref!r}")
     if row.disabled_at is not None:
         return row
-    if row.role is Role.admin and row.customer_id is None:
+    if row.role == Role.admin and row.customer_id is None:
         others = (
             select(sa.func.count())
             .select_from(User)

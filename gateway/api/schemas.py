@@ -124,7 +124,8 @@ class ApiTokenOut(BaseModel):
     def of(cls, row: ApiToken) -> ApiTokenOut:
         from gateway.accounts.api_tokens import state
 
-        return cls.model_validate({**row.model_dump(exclude={"token_hash"}), "state": state(row)})
+        fields = {name: getattr(row, name, None) for name in cls.model_fields if name != "state"}
+        return cls.model_validate({**fields, "state": state(row)})
 
 
 class ApiTokenCreated(ApiTokenOut):
