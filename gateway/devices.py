@@ -118,7 +118,7 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
             client_id=device.id,
             ca_cert=info.ca_pem,
         ),
-        claim_code=claim_code,
+        **({"claim_code": claim_code} if claim_code else {}),
     )
 
 

@@ -33,7 +33,7 @@ router = APIRouter(prefix="/api/v1", responses=_errors)
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
-    response_model_exclude_none=True,
+    response_model_exclude_unset=True,  # no claim_code key for a customer's machine
     status_code=status.HTTP_201_CREATED,
     tags=["agent"],
     summary="Enroll a machine with a provisioning token and its public key",

@@ -4,6 +4,10 @@ same service functions the API calls."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from typing import Any
+
+import httpx
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -14,6 +18,7 @@ from gateway.accounts.passwords import hash_password
 from gateway.accounts.principal import Actor, Principal, PrincipalKind
 from gateway.db import utcnow
 from gateway.models import Role
+from tests.support import local_http
 
 STAFF = Principal(PrincipalKind.legacy_token, Actor("tests"), role=Role.admin)
 
@@ -64,3 +69,39 @@ def token_of(engine: Engine, user: User, role: Role | None = None) -> str:
 def user_token(engine: Engine, role: Role, customer_id: str | None = None) -> str:
     """A new user of `role` (of `customer_id`) and an API token of theirs."""
     return token_of(engine, make_user(engine, role, customer_id))
+
+
+# ---- over HTTP, against a running gateway -----------------------------------------------------
+
+TEST_PASSWORD = "correct horse battery staple"
+
+
+def _ok(response: httpx.Response) -> Any:
+    assert response.is_success, f"{response.request.url}: {response.status_code} {response.text}"
+    return response.json()
+
+
+def person_token(
+    url: str,
+    token: str,
+    role: str,
+    customer: str | None = None,
+    email: str | None = None,
+    post: Callable[..., httpx.Response] = local_http.post,
+) -> dict[str, Any]:
+    """Create a user of `role` with `token` (an admin's, or the bootstrap token for the first
+    admin) and log them in for an API token: the made token's JSON (token, id, ...)."""
+    email = email or f"{role}-{secrets.token_hex(3)}@tests.example.com"
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"email": email, "role": role, "customer": customer, "password": TEST_PASSWORD}
+    _ok(post(f"{url}/api/v1/users", json=body, headers=headers))
+    return login_token(url, email, post)
+
+
+def login_token(
+    url: str, email: str, post: Callable[..., httpx.Response] = local_http.post
+) -> dict[str, Any]:
+    """Log a test user in (TEST_PASSWORD) for an API token: the made token's JSON."""
+    login = {"email": email, "password": TEST_PASSWORD, "name": "tests"}
+    made: dict[str, Any] = _ok(post(f"{url}/api/v1/auth/token", json=login))
+    return made
