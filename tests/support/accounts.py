@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
