@@ -200,9 +200,9 @@ def test_operator_opens_viewer_only_looks_and_the_device_gets_a_signed_open(
     listed = client.get("/api/v1/tunnels", headers=viewer).json()
     assert [t["id"] for t in listed] == [tunnel["id"]]
     shown = client.get(f"/api/v1/tunnels/{tunnel['id']}", headers=viewer).json()
-    assert shown["reason"] == "ticket 4711" and shown["actor"].startswith("test-operator")
+    assert shown["reason"] == "ticket 4711" and shown["actor"].startswith("operator-")
     (opened,) = audits(wired, "tunnel.open")
-    assert opened.target == device and opened.actor.startswith("test-operator")
+    assert opened.target == device and opened.actor.startswith("operator-")
     assert opened.detail["why"] == "ticket 4711" and opened.detail["ports"] == [22, 1880]
 
     # One live tunnel per device.
