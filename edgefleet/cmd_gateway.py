@@ -139,6 +139,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _data_options(create)
     create.add_argument("--json", action="store_true", help="print one JSON document")
+    # Scripts written before people had accounts pass --role admin: still accepted, and
+    # any other role is refused with the reason, not an argparse error about a flag.
+    create.add_argument("--role", help=argparse.SUPPRESS)
     create.set_defaults(func=_create_token)
 
 
@@ -224,6 +227,12 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _create_token(args: argparse.Namespace) -> None:
+    if args.role not in (None, "admin"):
+        raise CommandError(
+            f"a bootstrap token only creates the first admin user; there are no {args.role} "
+            "bootstrap tokens (people get their own: edgefleet users create, edgefleet login)",
+            2,
+        )
     settings = _settings(args, ("data_dir", "db_url"))
     from gateway.accounts.api_tokens import create_bootstrap
     from gateway.accounts.users import admin_exists
