@@ -115,13 +115,7 @@ class StatusListener:
         if status is None:
             return
         with Session(self._engine) as session:
-            if not record_status(
-                session,
-                device_id,
-                status.state == "online",
-                status.agent_version,
-                status.node_red_version,
-            ):
+            if not record_status(session, device_id, status):
                 self._messages.unknown_device("status", device_id)
 
 

@@ -37,6 +37,7 @@ import httpx
 from gateway.broker.mqtt_url import MqttEndpoint
 from provisioning import keys
 from tests.support import local_http
+from tests.support.accounts import person_token
 
 # ---- what the gateway says about itself --------------------------------------------------------
 
@@ -104,12 +105,8 @@ class LoadFleet:
 def prepare_fleet(url: str, admin_token: str, workdir: Path, devices: int = 4) -> LoadFleet:
     headers = {"Authorization": f"Bearer {admin_token}"}
     tokens = {"admin": admin_token}
-    for role in ("operator", "viewer"):
-        made = local_http.post(
-            url + "/api/v1/api-tokens", json={"name": f"load-{role}", "role": role}, headers=headers
-        )
-        made.raise_for_status()
-        tokens[role] = made.json()["token"]
+    for role in ("operator", "viewer"):  # people of these roles, logged in for their tokens
+        tokens[role] = person_token(url, admin_token, role)["token"]
     provisioning = local_http.post(
         url + "/api/v1/provisioning-tokens", json={"uses": devices}, headers=headers
     )
