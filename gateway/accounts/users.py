@@ -25,11 +25,18 @@ from gateway.models import ApiToken, Role
 from gateway.pagination import Page, PageRequest, SortKey, paginate
 from gateway.settings import GatewaySettings
 
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s.]{1,63}$")
+# Spelled out rather than \s, whose meaning differs between Python's re, pydantic's regex engine
+# and the JSON Schema (ECMAScript) one: the API document states this very pattern.
+_SPACE = " \t\n\r\f\v"
+_NOT_IN_PART = "@\\x00-\\x20\\x7f"
+EMAIL_CORE = f"[^{_NOT_IN_PART}]{{1,64}}@[^{_NOT_IN_PART}]{{1,189}}\\.[^.{_NOT_IN_PART}]{{1,63}}"
+EMAIL_PATTERN = f"^[ \\t\\n\\r\\f\\v]*{EMAIL_CORE}[ \\t\\n\\r\\f\\v]*$"
+"""An email address, with spaces around it allowed (they are stripped)."""
+_EMAIL = re.compile(f"^{EMAIL_CORE}$")
 
 
 def normalize_email(email: str) -> str:
-    text = email.strip().lower()
+    text = email.strip(_SPACE).lower()
     if len(text) > 254 or not _EMAIL.match(text):
         raise Invalid("bad_email", f"{email!r} is not an email address")
     return text

@@ -9,6 +9,7 @@ status it lists (each router's ``responses``).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.early_answer import EarlyAnswer, answer
@@ -86,19 +86,24 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
-
-
 def _methods_of(request: Request) -> list[str]:
-    """Every method some route serves at this path (Starlette names only the first match's)."""
-    routes = request.app.router.routes
-    return [
-        method
-        for method in _METHODS
-        if any(
-            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
-        )
-    ]
+    """The methods the OpenAPI document lists for this path (Starlette's 405 names only the
+    first matching route's). As OpenAPI says, a path with fixed segments wins over a template
+    that also matches (``/devices/claim`` over ``/devices/{device_id}``)."""
+    path = request.url.path
+    best: tuple[int, list[str]] | None = None
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path) is None:
+            continue
+        fixed = sum(1 for part in template.split("/") if part and not part.startswith("{"))
+        methods = sorted(m.upper() for m in operations if m in _HTTP_METHODS)
+        if best is None or fixed > best[0]:
+            best = (fixed, methods)
+    return best[1] if best else []
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
 class BodySizeLimit:

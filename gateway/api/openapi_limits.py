@@ -21,6 +21,8 @@ def document_limits(app: FastAPI, settings: GatewaySettings) -> None:
     limits = {
         ("ProvisioningTokenCreate", "ttl_seconds"): settings.provisioning_token_max_ttl,
         ("TunnelOpen", "ttl_seconds"): settings.tunnel_max_ttl,
+        ("ApiTokenCreate", "ttl_seconds"): settings.api_token_max_ttl,
+        ("_TokenLogin", "ttl_seconds"): settings.api_token_max_ttl,
     }
 
     def openapi() -> dict[str, Any]:

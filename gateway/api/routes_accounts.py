@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import RedirectResponse
+from pydantic import Field
 
 from gateway.accounts import (
     api_tokens,
@@ -101,7 +102,7 @@ def _me_of_session(user: User, csrf_token: str) -> Me:
 
 class _TokenLogin(LoginBody):
     name: DeviceName = "cli"
-    ttl_seconds: int | None = None
+    ttl_seconds: int | None = Field(default=None, gt=0)
 
 
 @router.post(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlmodel import Session
 
 from gateway import commands, devices
@@ -39,6 +39,11 @@ def devices_out(session: Session, found: list[Device]) -> list[DeviceOut]:
     return [DeviceOut.of(d, names.get(d.customer_id or ""), releases.get(d.id)) for d in found]
 
 
+_PART = r"[^=,]*[^=,\s][^=,]*=[^,]*"
+TAG_SELECTOR_PATTERN = f"^{_PART}(,{_PART})*$"
+"""What `parse_tag_selector` reads: comma-separated KEY=VALUE, each key not blank."""
+
+
 def parse_tag_selector(items: list[str]) -> dict[str, str]:
     """['site=plant-3', 'line=A,shift=2'] -> tags (the syntax of `flows push --to`)."""
     tags: dict[str, str] = {}
@@ -63,7 +68,8 @@ def list_devices(
     who: FleetRead,
     page: PageDep,
     tag: Annotated[
-        list[str], Query(description="KEY=VALUE (repeat, or comma-separate): all must match.")
+        list[Annotated[str, StringConstraints(pattern=TAG_SELECTOR_PATTERN)]],
+        Query(description="KEY=VALUE (repeat, or comma-separate): all must match."),
     ] = [],  # noqa: B006  (FastAPI copies defaults)
     online: Annotated[bool | None, Query(description="Only online (true) or offline.")] = None,
     customer: Annotated[

@@ -8,11 +8,13 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from gateway.accounts.consent import ConsentStatus
+from gateway.accounts.customers import NAME_PATTERN
 from gateway.accounts.models import Customer, SupportGrant, User
 from gateway.accounts.principal import Principal
+from gateway.accounts.users import EMAIL_PATTERN
 from gateway.models import Role
 
-Email = Annotated[str, StringConstraints(min_length=3, max_length=254)]
+Email = Annotated[str, StringConstraints(min_length=3, max_length=254, pattern=EMAIL_PATTERN)]
 Password = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 
 
@@ -92,9 +94,14 @@ class UserOut(BaseModel):
 
 
 class CustomerCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")  # the pattern looks ahead
 
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^(?!cus-)" + NAME_PATTERN.removeprefix("^"),
+        description="1-64 letters, digits, spaces or _.&-, not starting with 'cus-'.",
+    )
 
 
 class CustomerOut(BaseModel):
