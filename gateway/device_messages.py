@@ -10,9 +10,10 @@ kind and reason per interval (`RefusalLog`), naming the field that was wrong, ne
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel
 
 from gateway.telemetry.refusals import DEFAULT_INTERVAL, RefusalLog
 from provisioning.device_input import (
@@ -25,6 +26,7 @@ from provisioning.device_input import (
 from provisioning.wire import DeviceStatus, Reply
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 KINDS: Final = ("status", "reply")
 UNKNOWN_DEVICE: Final = "unknown_device"
@@ -57,17 +59,16 @@ class DeviceMessages:
         self._max = {"status": max_status_bytes, "reply": max_reply_bytes}
 
     def status(self, device_id: str, payload: bytes) -> DeviceStatus | None:
-        try:
-            return parse_message(DeviceStatus, payload, self._max["status"])
-        except MessageRefused as exc:
-            self.refuse("status", device_id, exc)
-            return None
+        return self._parse("status", DeviceStatus, device_id, payload)
 
     def reply(self, device_id: str, payload: bytes) -> Reply | None:
+        return self._parse("reply", Reply, device_id, payload)
+
+    def _parse(self, kind: str, model: type[M], device_id: str, payload: bytes) -> M | None:
         try:
-            return parse_message(Reply, payload, self._max["reply"])
+            return parse_message(model, payload, self._max[kind])
         except MessageRefused as exc:
-            self.refuse("reply", device_id, exc)
+            self.refuse(kind, device_id, exc)
             return None
 
     def refuse(self, kind: str, device_id: str, exc: MessageRefused) -> None:

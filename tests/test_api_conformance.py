@@ -53,10 +53,8 @@ SKIPPED = {
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("conformance") / "data")
-    gateway.start()
-    yield gateway
-    gateway.stop()
+    with GatewayProcess(tmp_path_factory.mktemp("conformance") / "data") as gateway:
+        yield gateway
 
 
 @pytest.fixture(scope="module")

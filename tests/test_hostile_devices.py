@@ -33,10 +33,8 @@ MARKER = "PAYLOAD-MARKER-7f3a"  # put in bad payloads; must never appear in the 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("hostile") / "data")
-    gateway.start()
-    yield gateway
-    gateway.stop()
+    with GatewayProcess(tmp_path_factory.mktemp("hostile") / "data") as gateway:
+        yield gateway
 
 
 class Device:

@@ -23,10 +23,8 @@ PHASE_SECONDS = 8.0
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("load") / "data")
-    gateway.start()
-    yield gateway
-    gateway.stop()
+    with GatewayProcess(tmp_path_factory.mktemp("load") / "data") as gateway:
+        yield gateway
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,8 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("overload") / "data", env=LIMITS)
-    gateway.start()
-    yield gateway
-    gateway.stop()
+    with GatewayProcess(tmp_path_factory.mktemp("overload") / "data", env=LIMITS) as gateway:
+        yield gateway
 
 
 def _open(gw: GatewayProcess) -> socket.socket:
