@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Final
 
+from prometheus_client import CollectorRegistry, Counter
 from sqlmodel import Session
 
 from gateway import audit
@@ -44,9 +45,17 @@ class TooManyFailures(GatewayError):
 
 
 class EnrollGuard:
-    def __init__(self, limit: int, window: float = WINDOW_SECONDS) -> None:
+    def __init__(
+        self, limit: int, window: float = WINDOW_SECONDS, registry: CollectorRegistry | None = None
+    ) -> None:
         self.limit = limit
         self.window = window
+        self.refused = Counter(
+            "edgefleet_enroll_refused",
+            "Enrollments refused, by reason (too_many_failures: the address's limit).",
+            ["reason"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
         self._log = RefusalLog(log, what="enrollment")
@@ -59,6 +68,7 @@ class EnrollGuard:
             if len(recent) < self.limit:
                 return
             wait = max(1, math.ceil(recent[0] + self.window - now))
+        self.refused.labels(reason="too_many_failures").inc()
         raise TooManyFailures(
             f"too many failed enrollments from {address}; try again in {wait} s", wait
         )
@@ -71,6 +81,7 @@ class EnrollGuard:
             self._failures.move_to_end(address)
             while len(self._failures) > MAX_ADDRESSES:
                 self._failures.popitem(last=False)
+        self.refused.labels(reason=exc.reason).inc()
         session.rollback()
         audit.record(
             session,

@@ -41,7 +41,8 @@ class GatewayRuntime:
 
     def enrollments(self) -> EnrollGuard:
         if self.enroll_guard is None:
-            self.enroll_guard = EnrollGuard(self.settings.enroll_failures_per_minute)
+            limit = self.settings.enroll_failures_per_minute
+            self.enroll_guard = EnrollGuard(limit, registry=self.metrics)
         return self.enroll_guard
 
     @property

@@ -303,5 +303,7 @@ def test_failed_enrollments_are_audited_logged_and_limited(gw: GatewayProcess) -
     assert "efp_xxxx" not in json.dumps(events)
     logged = [line for line in gw.log_text().splitlines() if "enrollment from 127.0.0.2" in line]
     assert len(logged) == 1
+    assert _metric(gw, "edgefleet_enroll_refused_total", reason="too_many_failures") == 2
+    assert _metric(gw, "edgefleet_enroll_refused_total", reason="unknown_token") >= 10
     # Another address is not held up by it.
     Device(gw, "after-the-guesser").close()
