@@ -33,6 +33,7 @@ from gateway.runtime import GatewayRuntime
 from gateway.tunnels.models import TunnelRecord
 from provisioning import keys
 from provisioning.jwt_rules import sign_device_token
+from provisioning.wg import generate_keypair
 from tests.support.accounts import make_customer, make_user, token_of
 
 STAFF = {"admin", "operator", "support", "viewer"}
@@ -203,7 +204,7 @@ RULES: dict[tuple[str, str], Rule] = {
         body=lambda c, w: {
             "device_id": c.device_name,
             "ports": [1880],
-            "engineer_public_key": "A" * 43 + "=",
+            "engineer_public_key": generate_keypair().public_key,
         },
     ),
     ("GET", "/api/v1/tunnels"): Rule(READERS),

@@ -17,6 +17,7 @@ from gateway.accounts.sessions import COOKIE
 from gateway.models import ApiToken, AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
+from provisioning.wg import generate_keypair
 from tests.support.accounts import make_customer, make_user, token_of
 
 PASSWORD = "correct horse battery staple"
@@ -255,7 +256,11 @@ def test_consent_refuses_support_tunnels_outside_a_granted_window(
     ).json()
     machine = _enroll(client, made["token"], "press-9")
     assert "claim_code" not in machine  # a customer's machine needs no claim code
-    body = {"device_id": "press-9", "ports": [1880], "engineer_public_key": "A" * 43 + "="}
+    body = {
+        "device_id": "press-9",
+        "ports": [1880],
+        "engineer_public_key": generate_keypair().public_key,
+    }
     # No consent required yet: the open gets past consent (and stops at the missing hub).
     assert client.post("/api/v1/tunnels", json=body, headers=support).status_code == 503
     required = client.put(
