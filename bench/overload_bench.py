@@ -53,6 +53,9 @@ def main() -> None:
                 samples=args.samples,
                 concurrency=args.clients,
                 ceiling_batches=args.ceiling_batches,
+                pids={"gateway": gateway.proc.pid, "mosquitto": gateway.broker_pid()}
+                if gateway.proc is not None
+                else None,
             )
         finally:
             gateway.stop()

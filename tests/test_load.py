@@ -35,7 +35,9 @@ def fleet(gw: GatewayProcess, tmp_path_factory: pytest.TempPathFactory) -> LoadF
 def test_300_clients_and_a_telemetry_stream_at_half_the_ceiling(
     gw: GatewayProcess, fleet: LoadFleet
 ) -> None:
-    figures: LoadFigures = measure(gw.url, gw.http_port, fleet, seconds=PHASE_SECONDS)
+    assert gw.proc is not None
+    pids = {"gateway": gw.proc.pid, "mosquitto": gw.broker_pid()}
+    figures: LoadFigures = measure(gw.url, gw.http_port, fleet, seconds=PHASE_SECONDS, pids=pids)
     print(figures.report())
     codes = figures.crowd.codes
     assert set(codes) <= {"200", "503"}, codes  # never a 500, a timeout or a dropped connection

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import random
 import subprocess
 import sys
@@ -196,6 +197,10 @@ class Crowd:
         }
         self._proc = _spawn("crowd", spec)
         _expect(self._proc, "ready")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def stop(self) -> CrowdResult:
         return CrowdResult(**_finish(self._proc))
@@ -407,6 +412,8 @@ class LoadFigures:
     loaded_health: HealthProbe
     crowd: CrowdResult
     concurrency: int
+    cpu: dict[str, float] = field(default_factory=dict)
+    """Cores each process used during the loaded phase (CPU seconds per second)."""
 
     def report(self) -> str:
         codes = ", ".join(f"{n} x {code}" for code, n in sorted(self.crowd.codes.items()))
@@ -426,6 +433,7 @@ class LoadFigures:
                 f"ingest latency     quiet p50 {self.quiet_lag_p50 * 1000:6.1f} ms  p99 "
                 f"{self.quiet_lag_p99 * 1000:6.1f} ms | loaded p50 "
                 f"{self.loaded_lag_p50 * 1000:6.1f} ms  p99 {self.loaded_lag_p99 * 1000:6.1f} ms",
+                "cores used, loaded " + ", ".join(f"{k} {v:.2f}" for k, v in self.cpu.items()),
             ]
         )
 
@@ -463,6 +471,7 @@ def measure(
     samples: int = 20,
     concurrency: int = 300,
     ceiling_batches: int = 12_000,
+    pids: dict[str, int] | None = None,
 ) -> LoadFigures:
     # The ceiling: as fast as the publisher can; from its first publish to the last commit.
     expected = stored_batches(url) + ceiling_batches
@@ -476,10 +485,16 @@ def measure(
     count = int(rate * seconds)
     quiet = _paced_phase(url, port, fleet, rate, count, samples, seq=10_000_000)
     crowd = Crowd(fleet, concurrency)
+    watched = {**(pids or {}), "crowd": crowd.pid}
+    before = _cpu_seconds(watched)
+    started = time.monotonic()
     try:
         loaded = _paced_phase(url, port, fleet, rate, count, samples, seq=20_000_000)
     finally:
+        elapsed = time.monotonic() - started
+        after = _cpu_seconds(watched)
         crowd_result = crowd.stop()
+    cpu = {name: (after[name] - before[name]) / elapsed for name in after if name in before}
     return LoadFigures(
         ceiling=ceiling,
         publisher_bound=publisher_bound,
@@ -493,7 +508,21 @@ def measure(
         loaded_health=loaded[2],
         crowd=crowd_result,
         concurrency=concurrency,
+        cpu=cpu,
     )
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User and system CPU seconds of each process, read from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[name] = (int(fields[11]) + int(fields[12])) / tick
+    return found
 
 
 if __name__ == "__main__":
