@@ -92,6 +92,7 @@ def test_bare_number_to_a_metric_path(http: httpx.Client, outbox: Outbox) -> Non
     [
         ("/telemetry", b"{not json", "malformed_json"),
         ("/telemetry", b"\xff\xfe", "malformed_json"),
+        ("/telemetry", b"[" * 2000 + b"]" * 2000, "malformed_json"),  # dropped the connection
         ("/telemetry", b'{"temp": NaN}', "non_numeric"),
         ("/telemetry", b'{"temp": Infinity}', "non_numeric"),
         ("/telemetry", b'{"temp": "21.5"}', "non_numeric"),
