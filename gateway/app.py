@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from prometheus_client import Counter
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
 from gateway.api.load_shedding import LoadShedding
@@ -65,12 +64,6 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         body_timeout=settings.http_body_timeout,
         read_timeout=settings.http_read_timeout,
         yield_to=lambda: runtime.devices_first is not None and runtime.devices_first(),
-        refused=Counter(
-            "edgefleet_http_refused",
-            "HTTP requests refused before they ran, by reason (overloaded: 503 with "
-            "Retry-After; body_timeout: 408).",
-            ["reason"],
-            registry=runtime.metrics,
-        ),
+        refused=runtime.http_refusals(),
     )
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.engine import Engine
 
 from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
@@ -30,6 +30,7 @@ class GatewayRuntime:
     jobs: SingletonJobs | None = None
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     """This gateway's Prometheus metrics (served at /metrics); never the global registry."""
+    http_refused: Counter | None = None
     enroll_guard: EnrollGuard | None = None
     """Failed enrollments per client address (built from the settings on first use)."""
     devices_first: Callable[[], bool] | None = None
@@ -38,6 +39,19 @@ class GatewayRuntime:
     mqtt_engine: Engine | None = None
     """The MQTT side's own database connections (ingest, status, replies), which API traffic
     cannot take; None: it shares `engine` (tests of one part alone)."""
+
+    def http_refusals(self) -> Counter:
+        """HTTP requests refused before they ran, by reason (one counter per runtime, however
+        many apps are made on it)."""
+        if self.http_refused is None:
+            self.http_refused = Counter(
+                "edgefleet_http_refused",
+                "HTTP requests refused before they ran, by reason (overloaded: 503 with "
+                "Retry-After; body_timeout: 408).",
+                ["reason"],
+                registry=self.metrics,
+            )
+        return self.http_refused
 
     def enrollments(self) -> EnrollGuard:
         if self.enroll_guard is None:

@@ -63,6 +63,7 @@ ReplyState = Literal[
     "refused",
     "rolled_back",
     "drift",
+    "cancelled",
 ]
 """Every state an agent may report about a command (progress first, then one result)."""
 

@@ -136,7 +136,10 @@ def export_csv(
     until: Until = None,
     metric: Annotated[
         str | None,
-        Query(pattern=f"^{METRIC_PATTERN}$", description="Only this metric (default: all)."),
+        Query(
+            json_schema_extra={"pattern": f"^{METRIC_PATTERN}$"},  # checked by _metric_name
+            description="Only this metric (default: all).",
+        ),
     ] = None,
 ) -> StreamingResponse:
     device_id = _known_device(session, who, device_id)
@@ -175,7 +178,7 @@ def export_csv(
 )
 def metric_range(
     device_id: str,
-    metric: Annotated[str, Path(pattern=f"^{METRIC_PATTERN}$")],
+    metric: Annotated[str, Path(json_schema_extra={"pattern": f"^{METRIC_PATTERN}$"})],
     session: SessionDep,
     runtime: RuntimeDep,
     who: FleetRead,

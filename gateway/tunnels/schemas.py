@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
@@ -30,7 +31,7 @@ class TunnelOpen(BaseModel):
     )
     reason: str = Field(default="", max_length=200, description="Why (for the audit log).")
     engineer_public_key: str = Field(
-        pattern=WG_KEY_PATTERN,
+        json_schema_extra={"pattern": WG_KEY_PATTERN},  # checked by _key, with the reason
         description="The engineer's WireGuard public key (44 base64 characters). The private "
         "key stays on the engineer's machine.",
     )
@@ -55,7 +56,12 @@ class TunnelOpen(BaseModel):
     @field_validator("engineer_public_key")
     @classmethod
     def _key(cls, value: str) -> str:
-        return normalize_public_key(value, "engineer public key")
+        key = normalize_public_key(value, "engineer public key")
+        if re.fullmatch(WG_KEY_PATTERN, value) is None:  # spaces around it, say
+            raise ValueError(
+                "engineer public key must be the 44 characters `wg pubkey` prints, nothing else"
+            )
+        return key
 
 
 class TunnelClose(BaseModel):
