@@ -166,3 +166,48 @@ def test_a_chunked_body_over_the_limit_gets_413(gw: GatewayProcess) -> None:
     assert response.status_code == 413, response.text
     assert response.json()["reason"] == "too_large"
     assert local_http.get(gw.url + "/healthz").status_code == 200
+
+
+def test_while_the_devices_come_first_new_requests_wait_then_go_or_get_503() -> None:
+    """The gate itself (the gateway opens and closes it from the ingest's lag)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from gateway.api.load_shedding import LoadShedding
+
+    behind = {"now": True}
+
+    async def ok(_request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = LoadShedding(
+        Starlette(routes=[Route("/x", ok), Route("/healthz", ok)]),
+        max_in_flight=4,
+        max_waiting=10,
+        queue_timeout=0.5,
+        yield_to=lambda: behind["now"],
+    )
+
+    async def scenario() -> tuple[list[int], int, int, int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            refused = (await client.get("/x")).status_code  # the gate stays closed: 503
+            health = (await client.get("/healthz")).status_code  # never waits
+            waiting = [asyncio.create_task(client.get("/x")) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            assert not any(task.done() for task in waiting)
+            behind["now"] = False
+            codes = [(await task).status_code for task in waiting]
+            behind["now"] = True  # closed again: a new request waits once more
+            again = asyncio.create_task(client.get("/x"))
+            await asyncio.sleep(0.1)
+            still_waiting = not again.done()
+            behind["now"] = False
+            return codes, refused, health, (await again).status_code if still_waiting else -1
+
+    codes, refused, health, again = asyncio.run(scenario())
+    assert refused == 503 and health == 200
+    assert codes == [200, 200, 200] and again == 200

@@ -119,6 +119,7 @@ class LoadShedding:
         if self._gate is None:
             self._gate = asyncio.Event()
         if self._watcher is None or self._watcher.done():
+            self._gate.clear()  # now: a gate left open by the last watcher must not let this by
             self._watcher = asyncio.create_task(self._watch(self._gate))
         self.waiting += 1
         try:
@@ -131,8 +132,7 @@ class LoadShedding:
         return True
 
     async def _watch(self, gate: asyncio.Event) -> None:
-        """Close the gate while the devices come first; end once it is open again."""
-        gate.clear()
+        """Keep the gate closed while the devices come first; open it and end."""
         while self.yield_to is not None and self.yield_to():
             await asyncio.sleep(_YIELD_POLL)
         gate.set()
