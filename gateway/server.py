@@ -170,6 +170,7 @@ def _run(settings: GatewaySettings) -> None:
             log_level="info",
             access_log=False,
             http=guarded_protocol(settings.http_header_timeout, settings.http_max_connections),
+            timeout_keep_alive=settings.http_keep_alive,
             h11_max_incomplete_event_size=16 * 1024,  # request line and headers
         )
         log.info(

@@ -71,6 +71,12 @@ class GatewaySettings(BaseSettings):
     http_max_connections: int = Field(
         default=2000, ge=1, description="Open HTTP connections; more are closed at once."
     )
+    http_keep_alive: int = Field(
+        default=15,
+        gt=0,
+        description="Seconds an idle kept-alive connection stays open (a busy client's next "
+        "request must not meet a connection closing under it).",
+    )
     http_header_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a client has to send a request's head."
     )
