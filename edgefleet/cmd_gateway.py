@@ -85,7 +85,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--telemetry-retention",
         metavar="AGE",
-        help="delete samples older than this, e.g. 30d or 12h (default 30d)",
+        help="keep samples this long, e.g. 30d or 12h (default 30d)",
+    )
+    run.add_argument(
+        "--telemetry-rollup-retention",
+        metavar="AGE",
+        help="keep minute and hourly rollups this long, at least the samples' (default 365d)",
+    )
+    run.add_argument(
+        "--telemetry-compact-after",
+        metavar="AGE",
+        help="compact an hour of samples into encoded chunks and rollups once it is this old "
+        "(default 1h)",
+    )
+    run.add_argument(
+        "--telemetry-max-series-per-device",
+        type=int,
+        metavar="N",
+        help="distinct metrics a device may send; further ones are dropped (default 1000)",
     )
     tunnels = run.add_argument_group("support tunnels (the hub runs on one replica only)")
     tunnels.add_argument(
@@ -191,6 +208,9 @@ def _run(args: argparse.Namespace) -> None:
             "signing_key_file",
             "replica_name",
             "telemetry_retention",
+            "telemetry_rollup_retention",
+            "telemetry_compact_after",
+            "telemetry_max_series_per_device",
             "tunnel_hub",
             "tunnel_endpoint",
             "tunnel_listen_port",

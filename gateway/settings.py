@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from provisioning.wire import DEFAULT_TOPIC_PREFIX
@@ -98,9 +98,31 @@ class GatewaySettings(BaseSettings):
     telemetry_retention: int = Field(
         default=30 * 86400,
         gt=0,
-        description="Delete samples older than this: seconds, or 90m, 12h, 30d.",
+        description="Keep samples (raw and compacted) this long: seconds, or 90m, 12h, 30d. "
+        "Whole chunk windows and days of chunks are dropped once older.",
+    )
+    telemetry_rollup_retention: int = Field(
+        default=365 * 86400,
+        gt=0,
+        description="Keep the minute and hourly rollups this long (at least as long as "
+        "the samples): seconds, or 12h, 30d, 365d. Whole weeks are dropped once older.",
     )
     telemetry_retention_interval: float = 300.0
+    telemetry_compact_after: int = Field(
+        default=3600,
+        gt=0,
+        description="Compact an hour's window of samples into encoded chunks and rollups once "
+        "its end is this old: seconds, or 30m, 1h, 2d.",
+    )
+    telemetry_compact_interval: float = Field(
+        default=60.0, gt=0, description="Seconds between two passes of the compaction."
+    )
+    telemetry_max_series_per_device: int = Field(
+        default=1000,
+        ge=1,
+        description="Distinct metrics one device may have; samples of further ones are dropped, "
+        "counted at /metrics and logged once per device.",
+    )
     telemetry_session_expiry: int = Field(
         default=7 * 86400,
         gt=0,
@@ -127,7 +149,12 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"expected HOST:PORT, e.g. 0.0.0.0:8080, not {value!r}")
         return value
 
-    @field_validator("telemetry_retention", mode="before")
+    @field_validator(
+        "telemetry_retention",
+        "telemetry_rollup_retention",
+        "telemetry_compact_after",
+        mode="before",
+    )
     @classmethod
     def _parse_retention(cls, value: object) -> object:
         """'30d', '12h', '90m', '45s' or plain seconds."""
@@ -139,6 +166,16 @@ class GatewaySettings(BaseSettings):
             if not text.isdigit():
                 raise ValueError(f"expected a duration such as 30d, 12h or 3600, not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_telemetry_ages(self) -> GatewaySettings:
+        if self.telemetry_rollup_retention < self.telemetry_retention:
+            raise ValueError(
+                f"telemetry_rollup_retention ({self.telemetry_rollup_retention}s) must be at "
+                f"least telemetry_retention ({self.telemetry_retention}s): rollups answer long "
+                "ranges where samples still exist"
+            )
+        return self
 
     @field_validator("tunnel_endpoint")
     @classmethod

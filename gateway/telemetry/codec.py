@@ -41,7 +41,8 @@ def encode(numbers: FloatArray) -> bytes:
     """Lossless bytes of a 1-D float64 array (at least one number)."""
     if numbers.ndim != 1 or numbers.dtype != np.float64 or len(numbers) == 0:
         raise ValueError("encode takes a non-empty 1-D float64 array")
-    return _VERSION_PCODEC + bytes(standalone.simple_compress(np.ascontiguousarray(numbers), _CONFIG))
+    packed = standalone.simple_compress(np.ascontiguousarray(numbers), _CONFIG)
+    return _VERSION_PCODEC + bytes(packed)
 
 
 def decode(block: bytes, count: int) -> FloatArray:

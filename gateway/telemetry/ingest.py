@@ -60,9 +60,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.telemetry.active_devices import ActiveDevices
-from gateway.telemetry.metrics import UNKNOWN_DEVICE, TelemetryMetrics
+from gateway.telemetry.metrics import SERIES_LIMIT, UNKNOWN_DEVICE, TelemetryMetrics
 from gateway.telemetry.refusals import RefusalLog
-from gateway.telemetry.store import IncomingBatch, TelemetryStore, WriteResult
+from gateway.telemetry.store import (
+    DEFAULT_MAX_SERIES_PER_DEVICE,
+    IncomingBatch,
+    TelemetryStore,
+    WriteResult,
+)
 from provisioning.telemetry import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FUTURE_SKEW,
@@ -115,6 +120,7 @@ class IngestOptions:
     max_future_skew: float = DEFAULT_MAX_FUTURE_SKEW
     device_refresh: float = 5.0
     keepalive: int = 30
+    max_series_per_device: int = DEFAULT_MAX_SERIES_PER_DEVICE
 
 
 class _Received(NamedTuple):  # a tuple: made for every message on paho's thread
@@ -141,7 +147,7 @@ class TelemetryIngest:
         self.metrics = metrics
         self._endpoint = endpoint
         self._topics = topics
-        self._store = TelemetryStore(engine)
+        self._store = TelemetryStore(engine, max_series_per_device=options.max_series_per_device)
         self._devices = ActiveDevices(engine, options.device_refresh)
         self._refusals = RefusalLog(log)
         self._device_of: dict[str, str | None] = {}  # topic -> device id (None: not a device's)
@@ -389,6 +395,11 @@ class TelemetryIngest:
         self.metrics.batches.inc(len(result.stored))
         self.metrics.samples.inc(result.samples)
         self.metrics.duplicates.inc(result.duplicates)
+        for device, metrics in result.refused.items():
+            self.metrics.refused.labels(reason=SERIES_LIMIT).inc()
+            detail = f"at its limit of {self.options.max_series_per_device} series: {metrics[:5]}"
+            self._refusals.refused(device, SERIES_LIMIT, detail)
+        self.metrics.series_refused_samples.inc(result.refused_samples)
         if self._on_committed is not None:
             self._on_committed(result, time.time())
         return result

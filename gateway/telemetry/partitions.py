@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import Final
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, RootTransaction
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ RAW_DEFAULT: Final = "telemetry_samples_default"
 SEALED_PARENT: Final = "telemetry_samples_sealed"
 CHUNK_PARENT: Final = "telemetry_chunks"
 ROLLUP_PARENTS: Final = ("telemetry_rollups_1m", "telemetry_rollups_1h")
-_PARTITION = re.compile(
-    r"^telemetry_(samples|chunks|rollups_1m|rollups_1h)_(p\d+|default)$"
-)
+_PARTITION = re.compile(r"^telemetry_(samples|chunks|rollups_1m|rollups_1h)_(p\d+|default)$")
 
 
 def is_partition(name: str | None) -> bool:
@@ -77,6 +75,13 @@ def _partition_name(parent: str, start: int) -> str:
 
 def _start_of(name: str) -> int:
     return int(name.rsplit("_p", 1)[1])
+
+
+def begin(conn: Connection) -> RootTransaction:
+    """A new transaction on ``conn``, ending the one a plain query may have begun."""
+    if conn.in_transaction():
+        conn.commit()
+    return conn.begin()
 
 
 def _lock_timeout(conn: Connection) -> None:
@@ -123,7 +128,7 @@ def _create(conn: Connection, parent: str, start: int, width: int) -> bool:
     """Make one partition in its own transaction; False if it cannot be made now."""
     name = _partition_name(parent, start)
     try:
-        with conn.begin():
+        with begin(conn):
             _lock_timeout(conn)
             conn.exec_driver_sql(
                 f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {parent} "
@@ -163,8 +168,6 @@ def ensure_for_windows(conn: Connection, windows: Iterable[int]) -> bool:
         parent: {_start_of(n) for n in _tables_like(conn, parent)}
         for parent in {CHUNK_PARENT, *ROLLUP_PARENTS}
     }
-    if conn.in_transaction():
-        conn.commit()
     ok = True
     for parent, start, width in sorted(wanted):
         if start not in existing[parent]:
@@ -176,7 +179,7 @@ def seal(conn: Connection, window: int) -> bool:
     """Detach a closed window's raw partition and hand it to the sealed parent (one txn)."""
     name = raw_name(window)
     try:
-        with conn.begin():
+        with begin(conn):
             _lock_timeout(conn)
             conn.exec_driver_sql(f"ALTER TABLE {RAW_PARENT} DETACH PARTITION {name}")
             conn.exec_driver_sql(f"ALTER TABLE {name} INHERIT {SEALED_PARENT}")
@@ -193,7 +196,7 @@ def drop_older(conn: Connection, parent: str, cutoff: float, width: int) -> int:
         if _start_of(name) + width > cutoff:
             break
         try:
-            with conn.begin():
+            with begin(conn):
                 _lock_timeout(conn)
                 conn.exec_driver_sql(f"DROP TABLE {name}")
         except sa.exc.DBAPIError as exc:

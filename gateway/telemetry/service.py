@@ -1,4 +1,4 @@
-"""Starts the gateway's telemetry parts (ingest, retention, their metrics) for `gateway run`."""
+"""Starts the gateway's telemetry parts (ingest, maintenance, metrics) for `gateway run`."""
 
 from __future__ import annotations
 
@@ -7,30 +7,36 @@ import contextlib
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.runtime import GatewayRuntime
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest, default_client_id
+from gateway.telemetry.maintenance import TelemetryMaintenance, prepare
 from gateway.telemetry.metrics import TelemetryMetrics
-from gateway.telemetry.retention import RetentionJob
 
 
 def start_telemetry(
     runtime: GatewayRuntime, endpoint: MqttEndpoint, stack: contextlib.ExitStack
 ) -> TelemetryIngest:
-    """Start ingest and retention; ``stack`` stops them (ingest first in, last out)."""
+    """Start ingest and maintenance (compaction, retention); ``stack`` stops them (ingest
+    first in, last out)."""
     settings = runtime.settings
     metrics = TelemetryMetrics(runtime.metrics)
     options = IngestOptions(
         client_id=default_client_id(settings.data_dir, settings.replica_name),
         session_expiry=settings.telemetry_session_expiry,
         receive_maximum=settings.telemetry_receive_maximum,
+        max_series_per_device=settings.telemetry_max_series_per_device,
     )
+    prepare(runtime.engine)
     ingest = TelemetryIngest(endpoint, runtime.engine, runtime.topics, options, metrics)
     ingest.start()
     stack.callback(ingest.stop, leave=settings.telemetry_leave_on_stop)
-    retention = RetentionJob(
+    maintenance = TelemetryMaintenance(
         runtime.engine,
-        settings.telemetry_retention,
-        metrics,
-        interval=settings.telemetry_retention_interval,
+        compact_after=settings.telemetry_compact_after,
+        retention=settings.telemetry_retention,
+        rollup_retention=settings.telemetry_rollup_retention,
+        metrics=metrics,
+        interval=settings.telemetry_compact_interval,
+        retention_interval=settings.telemetry_retention_interval,
     )
-    retention.start()
-    stack.callback(retention.stop)
+    maintenance.start()
+    stack.callback(maintenance.stop)
     return ingest
