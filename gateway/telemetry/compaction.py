@@ -316,7 +316,7 @@ class Compactor:
             self._drop_in_transaction(conn, table)
         result.samples += done.samples
         result.chunks += done.chunks
-        result.windows |= done.windows | {window}
+        result.windows |= done.windows
         result.steps += 1
 
     def _drop_in_transaction(self, conn: Connection, table: str) -> None:

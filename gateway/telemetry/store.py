@@ -162,13 +162,12 @@ class SeriesIds:
         """The keys of ``new`` their devices may still create; the rest are remembered as
         refused for a while."""
         devices = sorted({device for device, _ in new})
-        counts: dict[str, int] = dict(
-            conn.execute(
-                sa.select(series.c.device_id, sa.func.count())
-                .where(series.c.device_id.in_(devices))
-                .group_by(series.c.device_id)
-            ).tuples()
+        counted = conn.execute(
+            sa.select(series.c.device_id, sa.func.count())
+            .where(series.c.device_id.in_(devices))
+            .group_by(series.c.device_id)
         )
+        counts = {str(device): int(n) for device, n in counted}
         allowed: list[SeriesKey] = []
         until = time.monotonic() + _REFUSED_FOR
         for key in new:  # sorted: the same metrics win on every replica
