@@ -50,14 +50,10 @@ _DROP_TRIES: Final = 10
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 
-# One row of a binary COPY of (integer, double precision, double precision): field count, then
-# each field's length and its big-endian value (PostgreSQL's "Binary Format" of COPY).
-_COPY_ROW: Final = np.dtype(
-    [("n", ">i2"), ("l1", ">i4"), ("sid", ">i4"), ("l2", ">i4"), ("ts", ">f8"), ("l3", ">i4"),
-     ("v", ">f8")]
-)  # fmt: skip
-_COPY_HEADER: Final = 19
-_COPY_TRAILER: Final = 2
+# A float8[] in PostgreSQL's binary send format (array_send): a 20-byte header (dimensions,
+# null flag, element type, length, lower bound), then per element its length and its value.
+_ARRAY_HEADER: Final = 20
+_ARRAY_ITEM: Final = np.dtype([("len", ">i4"), ("v", ">f8")])
 _INSERT_CHUNK_PG: Final = (
     "INSERT INTO telemetry_chunks (series_id, count, window_start, last_ts, last_value, "
     "times_series_id, ts_data, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
@@ -79,13 +75,6 @@ class Rows:
     @staticmethod
     def empty() -> Rows:
         return Rows(np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.float64))
-
-    @staticmethod
-    def of(rows: Sequence[tuple[int, float, float]]) -> Rows:
-        if not rows:
-            return Rows.empty()
-        sid, ts, value = zip(*rows, strict=True)
-        return Rows(np.array(sid, np.int64), np.array(ts, np.float64), np.array(value, np.float64))
 
     @staticmethod
     def concat(parts: Sequence[Rows]) -> Rows:
@@ -117,19 +106,39 @@ class CompactionResult:
     seconds: float = 0.0
 
 
-def copy_rows(conn: Connection, query: str) -> Rows:
-    """The (series_id, ts, value) rows of ``query`` through a binary COPY (PostgreSQL)."""
+def _floats(array_bytes: bytes) -> Floats:
+    if len(array_bytes) <= _ARRAY_HEADER:  # an empty array has a shorter header
+        return np.empty(0, np.float64)
+    items = np.frombuffer(array_bytes, _ARRAY_ITEM, offset=_ARRAY_HEADER)
+    return items["v"].astype(np.float64)
+
+
+def fetch_rows(conn: Connection, rows_sql: str) -> Rows:
+    """The (series_id, ts, value) rows that ``rows_sql`` gives (a SELECT, or on PostgreSQL a
+    DELETE ... RETURNING too), as arrays.
+
+    PostgreSQL gathers them per series into two arrays in its binary format, which numpy reads
+    as they are: a Python object per sample would cost more than everything else here. SQLite
+    hands over plain rows through its C cursor.
+    """
+    if conn.dialect.name == "postgresql":
+        query = (
+            f"WITH r AS ({rows_sql}) SELECT series_id, count(*), "  # noqa: S608 (ours)
+            "array_send(array_agg(ts)), array_send(array_agg(value)) FROM r GROUP BY series_id"
+        )
+        parts = []
+        for sid, count, ts, values in conn.exec_driver_sql(query):
+            parts.append(
+                Rows(np.full(int(count), int(sid), np.int64), _floats(ts), _floats(values))
+            )
+        return Rows.concat(parts)
     driver = conn.connection.driver_connection
     assert driver is not None
-    parts: list[bytes] = []
-    with driver.cursor() as cursor, cursor.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as cp:
-        parts.extend(bytes(block) for block in cp)
-    data = b"".join(parts)
-    body = memoryview(data)[_COPY_HEADER : len(data) - _COPY_TRAILER]
-    rows = np.frombuffer(body, _COPY_ROW)
-    return Rows(
-        rows["sid"].astype(np.int64), rows["ts"].astype(np.float64), rows["v"].astype(np.float64)
-    )
+    found = driver.execute(rows_sql).fetchall()
+    if not found:
+        return Rows.empty()
+    table = np.array(found, dtype=np.float64)
+    return Rows(table[:, 0].astype(np.int64), table[:, 1].copy(), table[:, 2].copy())
 
 
 def _id_list(ids: Iterable[int]) -> str:
@@ -289,10 +298,7 @@ class Compactor:
             where = f"ts >= {window} AND ts < {end} AND series_id IN ({_id_list(ids)})"
             delete = f"DELETE FROM {table} WHERE {where} RETURNING series_id, ts, value"  # noqa: S608
             with partitions.begin(conn):
-                if self.postgres:
-                    rows = copy_rows(conn, delete)
-                else:
-                    rows = Rows.of(conn.exec_driver_sql(delete).all())
+                rows = fetch_rows(conn, delete)
                 if len(rows):
                     self._write(conn, window, devices, rows, result)
             result.steps += 1
@@ -306,7 +312,7 @@ class Compactor:
             for devices, ids in self._groups(conn, present):
                 if self._stop.is_set():
                     raise _Stopped
-                rows = copy_rows(
+                rows = fetch_rows(
                     conn,
                     f"SELECT series_id, ts, value FROM {table} "  # noqa: S608
                     f"WHERE series_id IN ({_id_list(ids)})",
