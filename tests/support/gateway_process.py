@@ -130,8 +130,10 @@ class GatewayProcess:
         http_port: int | None = None,
         mqtt_port: int | None = None,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.extra_env = dict(env or {})
         self.http_port = http_port or free_port()
         self.mqtt_port = mqtt_port or free_port()
         while self.mqtt_port == self.http_port:
@@ -176,7 +178,7 @@ class GatewayProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             self.argv,
-            env=clean_env(),
+            env=clean_env(self.extra_env),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
