@@ -25,7 +25,6 @@ from gateway.settings import GatewaySettings
 from gateway.telemetry import partitions, queries
 from gateway.telemetry.models import chunks, series
 from gateway.telemetry.store import IncomingBatch, TelemetryStore, count_samples
-from provisioning.telemetry import Sample
 from tests.support.gateway_process import GatewayProcess
 from tests.support.waiting import wait_for
 
