@@ -339,18 +339,20 @@ def bare_copy(url: str, messages: int) -> float:
     return total / seconds
 
 
-def compaction_process(url: str, stop_file: Path, out: Path) -> subprocess.Popen[str]:
+def compaction_process(url: str, stop_file: Path, out: Path, pace: float) -> subprocess.Popen[str]:
     code = (
         "import sys, time, json, pathlib\n"
         "from gateway.db import make_engine\n"
         "from gateway.telemetry.compaction import Compactor\n"
-        "engine = make_engine(sys.argv[1]); c = Compactor(engine, compact_after=60)\n"
+        "engine = make_engine(sys.argv[1])\n"
+        "c = Compactor(engine, compact_after=60, pace=float(sys.argv[4]))\n"
         "done = 0; stop = pathlib.Path(sys.argv[2])\n"
         "while not stop.exists():\n"
         "    done += c.run_once().samples\n"
         "pathlib.Path(sys.argv[3]).write_text(json.dumps({'samples': done}))\n"
     )
-    return subprocess.Popen([sys.executable, "-c", code, url, str(stop_file), str(out)], text=True)
+    argv = [sys.executable, "-c", code, url, str(stop_file), str(out), str(pace)]
+    return subprocess.Popen(argv, text=True)
 
 
 def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
@@ -402,7 +404,8 @@ def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
                 backlog += sum(len(b.samples) for b in batches)
                 write(engine, batches, backlog_start)
             stop_file, out = workdir / "stop-compaction", workdir / "compaction.json"
-            compactor = compaction_process(url, stop_file, out)
+            pace = GatewaySettings().telemetry_compact_pace  # what `gateway run` uses
+            compactor = compaction_process(url, stop_file, out, pace)
             time.sleep(1.0)
             beside = ingest_bench.measure(
                 broker, devices_file, url, "postgresql", 100, 1, messages, 0.0, workdir
@@ -413,7 +416,8 @@ def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
             side = beside.msgs_per_s
             print(
                 f"ingest, compaction beside it: {side:,.0f} msg/s, {side * 100:,.0f} samples/s "
-                f"({side / rate:.0%} of the rate without it); the compaction meanwhile: "
+                f"({side / rate:.0%} of the rate without it); the compaction (pace {pace:g}) "
+                "meanwhile: "
                 f"{compacted:,} of a {backlog:,}-sample backlog in {beside.seconds:.1f}s",
                 flush=True,
             )

@@ -154,10 +154,17 @@ class Compactor:
         compact_after: float = DEFAULT_COMPACT_AFTER,
         *,
         group_series: int | None = None,
+        pace: float = 0.0,
         stop: threading.Event | None = None,
     ) -> None:
         if compact_after <= 0:
             raise ValueError(f"compact_after must be positive, got {compact_after}")
+        if pace < 0:
+            raise ValueError(f"pace must be 0 or more, got {pace}")
+        self.pace = pace
+        """After each group, rest ``pace`` times as long as the group took: the compaction then
+        takes at most 1 / (1 + pace) of a core and of the database's time, leaving the rest to
+        the ingest (0: as fast as it can, for a backlog or a benchmark)."""
         self.engine = engine
         self.compact_after = compact_after
         self.postgres = engine.dialect.name == "postgresql"
@@ -165,6 +172,7 @@ class Compactor:
         self.group_series = group_series or default_group
         self._stop = stop or threading.Event()
         self._device_of: dict[int, str] = {}
+        self._since = 0.0
 
     def closed(self, window: int, now: float) -> bool:
         return window + CHUNK_SECONDS <= now - self.compact_after
@@ -174,7 +182,7 @@ class Compactor:
     def run_once(self, now: float | None = None) -> CompactionResult:
         """Compact every closed window that has raw samples."""
         now = time.time() if now is None else now
-        started = time.perf_counter()
+        started = self._since = time.perf_counter()
         result = CompactionResult()
         with self.engine.connect() as conn:
             if self.postgres:
@@ -293,7 +301,7 @@ class Compactor:
             groups = self._groups(conn, present)
         end = window + CHUNK_SECONDS
         for devices, ids in groups:
-            if self._stop.is_set():
+            if self._rest():
                 return
             where = f"ts >= {window} AND ts < {end} AND series_id IN ({_id_list(ids)})"
             delete = f"DELETE FROM {table} WHERE {where} RETURNING series_id, ts, value"  # noqa: S608
@@ -303,6 +311,14 @@ class Compactor:
                     self._write(conn, window, devices, rows, result)
             result.steps += 1
 
+    def _rest(self) -> bool:
+        """Pause between two groups as `pace` says; True if the gateway is stopping."""
+        now = time.perf_counter()
+        worked = now - self._since
+        stopping = self._stop.wait(worked * self.pace) if self.pace and worked > 0 else False
+        self._since = time.perf_counter()
+        return stopping or self._stop.is_set()
+
     def _compact_sealed(self, conn: Connection, window: int, result: CompactionResult) -> None:
         """A sealed partition, all in one transaction that ends by dropping it."""
         table = partitions.raw_name(window)
@@ -310,7 +326,7 @@ class Compactor:
         with partitions.begin(conn):
             present = self._present(conn, table, window)
             for devices, ids in self._groups(conn, present):
-                if self._stop.is_set():
+                if self._rest():
                     raise _Stopped
                 rows = fetch_rows(
                     conn,

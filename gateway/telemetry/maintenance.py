@@ -63,6 +63,7 @@ class TelemetryMaintenance:
         engine: Engine,
         *,
         compact_after: float = DEFAULT_COMPACT_AFTER,
+        compact_pace: float = 0.0,
         retention: float = DEFAULT_MAX_AGE,
         rollup_retention: float | None = None,
         metrics: TelemetryMetrics | None = None,
@@ -74,7 +75,7 @@ class TelemetryMaintenance:
         self.interval = interval
         self.retention_interval = retention_interval
         self._stop = threading.Event()
-        self.compactor = Compactor(engine, compact_after, stop=self._stop)
+        self.compactor = Compactor(engine, compact_after, pace=compact_pace, stop=self._stop)
         self.retention = Retention(engine, retention, rollup_retention, metrics, stop=self._stop)
         self._retention_due = 0.0
         self._thread: threading.Thread | None = None

@@ -31,6 +31,7 @@ def start_telemetry(
     maintenance = TelemetryMaintenance(
         runtime.engine,
         compact_after=settings.telemetry_compact_after,
+        compact_pace=settings.telemetry_compact_pace,
         retention=settings.telemetry_retention,
         rollup_retention=settings.telemetry_rollup_retention,
         metrics=metrics,
