@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-import psycopg
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
@@ -54,7 +53,7 @@ import telemetry_ingest_bench as ingest_bench
 
 from gateway.broker.dynsec import DynsecAdmin, generate_password
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.db import make_engine, migrate
+from gateway.db import make_engine
 from gateway.settings import GatewaySettings
 from gateway.telemetry import partitions, queries
 from gateway.telemetry.compaction import Compactor
@@ -80,23 +79,13 @@ TABLES = {
 
 @contextlib.contextmanager
 def database(kind: str, pg_admin: str, workdir: Path) -> Iterator[Engine]:
-    name = None
-    if kind == "sqlite":
-        url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:6]}.db'}"
-    else:
-        name = f"edgefleet_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = GatewaySettings(db_url=f"{pg_admin.rsplit('/', 1)[0]}/{name}").database_url
-    engine = make_engine(url)
-    migrate(engine)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        if name is not None:
-            with psycopg.connect(pg_admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A fresh, migrated database (the ingest bench's, devices and all), dropped afterwards."""
+    with ingest_bench.database(kind, pg_admin, workdir) as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def table_bytes(engine: Engine, tables: list[str]) -> int:

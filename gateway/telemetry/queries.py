@@ -220,36 +220,34 @@ def _collect(
 def _rollup_part(
     conn: Connection, sid: int, table: sa.Table, first: int, last: int, every: float, acc: _Acc
 ) -> None:
-    start = _bucket_of(conn, table.c.start, every).label("b")
-    query = (
-        sa.select(
-            start,
-            sa.func.sum(table.c.count),
-            sa.func.min(table.c.min),
-            sa.func.max(table.c.max),
-            sa.func.sum(table.c.sum),
-        )
-        .where(table.c.series_id == sid, table.c.start >= first, table.c.start < last)
-        .group_by(start)
+    c = table.c
+    _aggregate(
+        conn,
+        (c.start, sa.func.sum(c.count), sa.func.min(c.min), sa.func.max(c.max), sa.func.sum(c.sum)),
+        sa.and_(c.series_id == sid, c.start >= first, c.start < last),
+        every,
+        acc,
     )
-    for b, n, lo, hi, total in conn.execute(query):
-        _add(acc, float(b), float(n), float(lo), float(hi), float(total))
 
 
 def _raw_part(conn: Connection, sid: int, lo: float, hi: float, every: float, acc: _Acc) -> None:
-    raw = raw_source(conn)
-    start = _bucket_of(conn, raw.c.ts, every).label("b")
-    query = (
-        sa.select(
-            start,
-            sa.func.count(),
-            sa.func.min(raw.c.value),
-            sa.func.max(raw.c.value),
-            sa.func.sum(raw.c.value),
-        )
-        .where(raw.c.series_id == sid, raw.c.ts >= lo, raw.c.ts < hi)
-        .group_by(start)
+    c = raw_source(conn).c
+    v = c.value
+    _aggregate(
+        conn,
+        (c.ts, sa.func.count(), sa.func.min(v), sa.func.max(v), sa.func.sum(v)),
+        sa.and_(c.series_id == sid, c.ts >= lo, c.ts < hi),
+        every,
+        acc,
     )
+
+
+def _aggregate(
+    conn: Connection, columns: tuple[Any, ...], where: Any, every: float, acc: _Acc
+) -> None:
+    """Add ``(count, min, max, sum)`` per bucket of ``columns[0]`` (a time) to ``acc``."""
+    start = _bucket_of(conn, columns[0], every).label("b")
+    query = sa.select(start, *columns[1:]).where(where).group_by(start)
     for b, n, low, high, total in conn.execute(query):
         _add(acc, float(b), float(n), float(low), float(high), float(total))
 
