@@ -194,14 +194,18 @@ def bytes_per_sample(kind: str, args: argparse.Namespace, workdir: Path) -> None
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0 + (postgres_cpu() - pg0 if kind == "postgresql" else 0)
             assert result.samples == total, (result.samples, total)
-            compacted = table_bytes(engine, TABLES["compacted"])
+            parts = {t: table_bytes(engine, [t]) for t in TABLES["compacted"]}
+            compacted = sum(parts.values())
             left = table_bytes(engine, TABLES["raw"])
+            split = ", ".join(
+                f"{t.removeprefix('telemetry_')} {n / total:.2f}" for t, n in parts.items()
+            )
             print(
                 f"{kind:10} {label:34} {total:>9,} samples: raw {raw / total:6.1f} B/sample, "
                 f"compacted {compacted / total:5.2f} B/sample "
                 f"(raw tables left: {left / total:.2f}), "
                 f"batch keys {keys / total:4.1f} B/sample; compaction {total / wall:>9,.0f} "
-                f"samples/s, {total / cpu:>9,.0f} samples/s per core",
+                f"samples/s, {total / cpu:>9,.0f} samples/s per core\n{'':11}compacted = {split}",
                 flush=True,
             )
 
