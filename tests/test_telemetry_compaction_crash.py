@@ -28,7 +28,7 @@ from gateway.telemetry.store import IncomingBatch, TelemetryStore, count_samples
 from tests.support.gateway_process import GatewayProcess
 from tests.support.waiting import wait_for
 
-DEVICES = 10
+DEVICES = 5
 METRICS = 10
 H = 3600
 
