@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -319,3 +320,75 @@ def test_a_device_gets_a_limited_number_of_series(
     assert ingest.metrics.value("series_refused_samples_total") == 10
     logged = [r.getMessage() for r in caplog.records if "(series_limit)" in r.getMessage()]
     assert len(logged) == 1 and device in logged[0], logged
+
+
+@pytest.mark.postgres
+def test_an_existing_install_keeps_its_samples_through_the_migration(tmp_path: Path) -> None:
+    """A database at the revision before compaction, with samples in it, upgraded in place:
+    on PostgreSQL the old samples table becomes the default partition (nothing is copied);
+    every sample is still there, and the compaction then works through them."""
+    for url in _fresh_urls(tmp_path):
+        engine = make_engine(url)
+        try:
+            _upgrade(engine, "0007")
+            device = _device()
+            batches = machine_hours(device, T0, 2)
+            with engine.begin() as conn:  # the old schema, written as the old gateway wrote it
+                conn.execute(
+                    sa.text("INSERT INTO telemetry_series (device_id, metric) VALUES (:d, :m)"),
+                    [{"d": device, "m": m} for m in ("count", "on", "temp")],
+                )
+                ids = dict(conn.execute(sa.text("SELECT metric, id FROM telemetry_series")).all())
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO telemetry_samples (series_id, ts, value) VALUES (:s, :t, :v)"
+                    ),
+                    [{"s": ids[m], "t": t, "v": v} for b in batches for m, t, v in b.samples],
+                )
+            migrate(engine)
+            if engine.dialect.name == "postgresql":
+                with engine.connect() as conn:
+                    kind = conn.execute(
+                        sa.text("SELECT relkind FROM pg_class WHERE relname = 'telemetry_samples'")
+                    ).scalar()
+                    assert kind == "p"  # partitioned, the old rows in its default partition
+                    assert (
+                        conn.execute(
+                            sa.text("SELECT count(*) FROM ONLY telemetry_samples_default")
+                        ).scalar()
+                        == len(batches) * 3
+                    )
+            check_queries(engine, device, batches)
+            Compactor(engine, compact_after=600).run_once(now=T0 + 3 * H)
+            assert raw_count(engine) == 0
+            check_queries(engine, device, batches)
+        finally:
+            engine.dispose()
+
+
+def _upgrade(engine: Engine, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from gateway.db import MIGRATIONS_DIR
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def _fresh_urls(tmp_path: Path) -> Iterator[str]:
+    """An empty SQLite file and an empty PostgreSQL database (not the migrated templates)."""
+    yield f"sqlite:///{tmp_path / 'old.db'}"
+    from tests.conftest import _pg_admin, _pg_url
+
+    name = f"edgefleet_old_{uuid.uuid4().hex[:8]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield GatewaySettings(db_url=_pg_url(name)).database_url
+    finally:
+        with _pg_admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
