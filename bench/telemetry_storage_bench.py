@@ -155,6 +155,17 @@ def machine(
     return out
 
 
+def raw_partitions(engine: Engine, start: float, end: float) -> None:
+    """PostgreSQL: the hourly partitions `gateway run` would have made for ``[start, end)``, so
+    the data takes the normal path (partition, sealed, compacted, dropped); SQLite: nothing."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        for window in range(int(start), int(end), (partitions.RAW_AHEAD + 1) * H):
+            partitions.ensure_raw(conn, window)
+        conn.commit()
+
+
 def write(engine: Engine, batches: list[IncomingBatch], received_at: float) -> None:
     store = TelemetryStore(engine)
     for start in range(0, len(batches), 1000):
@@ -177,10 +188,7 @@ def bytes_per_sample(kind: str, args: argparse.Namespace, workdir: Path) -> None
         ("random floats, shared timestamps", True, "random"),
     ):
         with database(kind, args.pg, workdir) as engine:
-            if kind == "postgresql":
-                with engine.connect() as conn:
-                    partitions.ensure_raw(conn, start)
-                    conn.commit()
+            raw_partitions(engine, start, start + H)
             rng = random.Random(1)
             total = 0
             for m in range(machines):
@@ -228,6 +236,7 @@ def query_times(kind: str, args: argparse.Namespace, workdir: Path) -> None:
     ts = start + np.arange(n, dtype=np.float64) + rng.uniform(0, 0.004, n)
     values = np.round(40 + np.cumsum(rng.choice([-0.01, 0.0, 0.01], n)), 2)
     with database(kind, args.pg, workdir) as engine:
+        raw_partitions(engine, start, end + H)
         store = TelemetryStore(engine)
         pairs = list(zip(ts.tolist(), values.tolist(), strict=True))
         for i in range(0, n, 100_000):
@@ -390,6 +399,7 @@ def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
             rng = random.Random(3)
             backlog = 0
             hours = 6 if args.quick else 12
+            raw_partitions(engine, backlog_start, backlog_start + hours * H)
             for m in range(4):
                 batches = machine(
                     f"backlog-{m}", backlog_start, hours * H, rng, shared=True, kind="realistic"

@@ -46,6 +46,8 @@ GROUP_SERIES: Final = 200
 """Series per step (their devices' whole window); fewer on SQLite, where a step holds the lock."""
 GROUP_SERIES_SQLITE: Final = 40
 _DROP_TRIES: Final = 10
+VACUUM_AFTER: Final = 100_000
+"""Samples drained from PostgreSQL's default partition in one pass that make it vacuum it."""
 
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
@@ -220,10 +222,20 @@ class Compactor:
                 self._compact_sealed(conn, window, result)
             except _Stopped:
                 return
+        drained = result.samples
         for window in late:
             if self._stop.is_set():
-                return
+                break
             self._drain(conn, partitions.RAW_DEFAULT, window, result)
+        if result.samples - drained >= VACUUM_AFTER:
+            self._vacuum_default()
+
+    def _vacuum_default(self) -> None:
+        """Many rows deleted from the default partition (an upgraded install's old samples,
+        a long backlog): vacuum it now rather than leave its index full of dead entries that
+        every query of recent samples would step over until autovacuum comes."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {partitions.RAW_DEFAULT}")
 
     def _default_windows(self, conn: Connection, now: float) -> list[int]:
         with partitions.begin(conn):
