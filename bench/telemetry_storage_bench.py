@@ -407,7 +407,7 @@ def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
                 backlog += sum(len(b.samples) for b in batches)
                 write(engine, batches, backlog_start)
             stop_file, out = workdir / "stop-compaction", workdir / "compaction.json"
-            pace = GatewaySettings().telemetry_compact_pace  # what `gateway run` uses
+            pace = args.pace
             compactor = compaction_process(url, stop_file, out, pace)
             time.sleep(1.0)
             beside = ingest_bench.measure(
@@ -435,6 +435,12 @@ def main() -> None:
     parser.add_argument("--only", choices=["storage", "queries", "ingest"])
     parser.add_argument("--db", choices=["sqlite", "postgresql"], help="storage/queries: one only")
     parser.add_argument("--pg", default=PG_DEFAULT, help="PostgreSQL server (admin URL)")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=GatewaySettings().telemetry_compact_pace,
+        help="ingest: the compaction's pace beside it (default: gateway run's)",
+    )
     args = parser.parse_args()
     kinds = [args.db] if args.db else ["postgresql", "sqlite"]
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:

@@ -118,7 +118,7 @@ class GatewaySettings(BaseSettings):
         default=60.0, gt=0, description="Seconds between two passes of the compaction."
     )
     telemetry_compact_pace: float = Field(
-        default=1.0,
+        default=3.0,
         ge=0,
         description="The compaction rests this many times as long as each step took, so it "
         "takes at most 1/(1+pace) of a core from the ingest (0: full speed).",
