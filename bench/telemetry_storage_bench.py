@@ -348,10 +348,12 @@ def compaction_process(url: str, stop_file: Path, out: Path, pace: float) -> sub
         "from gateway.telemetry.compaction import Compactor\n"
         "engine = make_engine(sys.argv[1])\n"
         "c = Compactor(engine, compact_after=60, pace=float(sys.argv[4]))\n"
-        "done = 0; stop = pathlib.Path(sys.argv[2])\n"
+        "started = time.time(); done = c.run_once().samples; ended = time.time()\n"
+        "stop = pathlib.Path(sys.argv[2])\n"
         "while not stop.exists():\n"
         "    done += c.run_once().samples\n"
-        "pathlib.Path(sys.argv[3]).write_text(json.dumps({'samples': done}))\n"
+        "out = {'samples': done, 'started': started, 'ended': ended}\n"
+        "pathlib.Path(sys.argv[3]).write_text(json.dumps(out))\n"
     )
     argv = [sys.executable, "-c", code, url, str(stop_file), str(out), str(pace)]
     return subprocess.Popen(argv, text=True)
@@ -415,13 +417,16 @@ def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
             )
             stop_file.touch()
             compactor.wait(600)
-            compacted = json.loads(out.read_text())["samples"]
+            done = json.loads(out.read_text())
+            compacted = done["samples"]
+            overlap = beside.seconds / (done["ended"] - done["started"])
             side = beside.msgs_per_s
             print(
                 f"ingest, compaction beside it: {side:,.0f} msg/s, {side * 100:,.0f} samples/s "
-                f"({side / rate:.0%} of the rate without it); the compaction (pace {pace:g}) "
-                "meanwhile: "
-                f"{compacted:,} of a {backlog:,}-sample backlog in {beside.seconds:.1f}s",
+                f"({side / rate:.0%} of the rate without it, {beside.seconds:.1f}s); the "
+                f"compaction (pace {pace:g}) took {done['ended'] - done['started']:.1f}s for "
+                f"{compacted:,} of a {backlog:,}-sample backlog (the ingest run overlapped "
+                f"{min(1.0, overlap):.0%} of it)",
                 flush=True,
             )
             engine.dispose()
