@@ -419,14 +419,16 @@ def ingest_beside_compaction(args: argparse.Namespace, workdir: Path) -> None:
             compactor.wait(600)
             done = json.loads(out.read_text())
             compacted = done["samples"]
-            overlap = beside.seconds / (done["ended"] - done["started"])
+            # The ingest run began about a second after the compaction: how much of the run
+            # had the compaction at work beside it.
+            overlap = (done["ended"] - done["started"] - 1.0) / beside.seconds
             side = beside.msgs_per_s
             print(
                 f"ingest, compaction beside it: {side:,.0f} msg/s, {side * 100:,.0f} samples/s "
                 f"({side / rate:.0%} of the rate without it, {beside.seconds:.1f}s); the "
                 f"compaction (pace {pace:g}) took {done['ended'] - done['started']:.1f}s for "
-                f"{compacted:,} of a {backlog:,}-sample backlog (the ingest run overlapped "
-                f"{min(1.0, overlap):.0%} of it)",
+                f"{compacted:,} of a {backlog:,}-sample backlog (at work during "
+                f"{min(1.0, overlap):.0%} of the ingest run)",
                 flush=True,
             )
             engine.dispose()
