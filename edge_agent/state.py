@@ -55,11 +55,20 @@ class AgentState:
     def enrolled(self) -> bool:
         return self.identity_path.exists() and self.key_path.exists()
 
+    @property
+    def claim_code_path(self) -> Path:
+        """A machine enrolled into stock: its claim code, for the label (mode 0600)."""
+        return self.directory / "claim-code.txt"
+
     def save(self, gateway_url: str, response: EnrollResponse) -> None:
         if response.broker.ca_cert:
             write_private_file(self.ca_path, response.broker.ca_cert.encode())
-        record = {"gateway_url": gateway_url, **response.model_dump()}
+        record = {"gateway_url": gateway_url, **response.model_dump(exclude={"claim_code"})}
         write_private_file(self.identity_path, json.dumps(record, indent=2).encode())
+        if response.claim_code:
+            write_private_file(self.claim_code_path, (response.claim_code + "\n").encode())
+        else:
+            self.claim_code_path.unlink(missing_ok=True)
 
     def load(self) -> Identity:
         if not self.enrolled:

@@ -268,7 +268,7 @@ def _flows_release(args: argparse.Namespace) -> None:
 
 
 def _flows_list(args: argparse.Namespace) -> None:
-    items = client_of(args).get("/flows/releases")
+    items = client_of(args).get_all("/flows/releases")
     if args.json:
         print_json(items)
         return
@@ -298,7 +298,7 @@ def _module_add(args: argparse.Namespace) -> None:
 
 
 def _module_list(args: argparse.Namespace) -> None:
-    items = client_of(args).get("/flows/modules")
+    items = client_of(args).get_all("/flows/modules")
     if args.json:
         print_json(items)
         return

@@ -142,15 +142,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     asub = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = asub.add_parser(
         "create-token",
-        help="make an operator API token (the first one comes from here)",
-        description="Create an operator API token directly in the database. Roles: viewer (read), "
-        "operator (also tokens, flows, tunnels), admin (also revoke machines, manage API tokens).",
-        epilog="example: export EDGEFLEET_TOKEN=$(edgefleet admin create-token --role admin)",
+        help="make the bootstrap token that creates the first admin user",
+        description="Create a bootstrap token directly in the database. It does one thing: "
+        "create the first admin user (edgefleet users create EMAIL --role admin). Creating that "
+        "user spends it; while an enabled admin user exists no bootstrap token works (make a "
+        "new one here only if every admin is gone). People then log in (edgefleet login) and "
+        "make API tokens of their own (edgefleet api-tokens create).",
+        epilog="example:\n"
+        "  export EDGEFLEET_TOKEN=$(edgefleet admin create-token)\n"
+        "  edgefleet users create ops@example.com --role admin --password-stdin < pw.txt\n"
+        "  unset EDGEFLEET_TOKEN; edgefleet login --email ops@example.com --password-stdin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
-    create.add_argument("--name", default="admin", help="who or what the token is for")
     _data_options(create)
     create.add_argument("--json", action="store_true", help="print one JSON document")
+    # Scripts written before people had accounts pass --role admin: still accepted, and
+    # any other role is refused with the reason, not an argparse error about a flag.
+    create.add_argument("--role", help=argparse.SUPPRESS)
     create.set_defaults(func=_create_token)
 
 
@@ -239,23 +247,33 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _create_token(args: argparse.Namespace) -> None:
+    if args.role not in (None, "admin"):
+        raise CommandError(
+            f"a bootstrap token only creates the first admin user; there are no {args.role} "
+            "bootstrap tokens (people get their own: edgefleet users create, edgefleet login)",
+            2,
+        )
     settings = _settings(args, ("data_dir", "db_url"))
+    from gateway.accounts.api_tokens import create_bootstrap
+    from gateway.accounts.users import admin_exists
     from gateway.db import DatabaseUnavailable, make_engine, migrate, session_scope
-    from gateway.models import Role
-    from gateway.tokens import create_api_token
 
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
         with session_scope(engine) as session:
-            issued, row = create_api_token(
-                session, name=args.name, role=Role(args.role), actor="local-admin"
-            )
+            if admin_exists(session):
+                raise CommandError(
+                    "an admin user exists, so a bootstrap token would not work: log in as an "
+                    "admin (edgefleet login) or disable every admin first",
+                    2,
+                )
+            issued = create_bootstrap(session)
     except DatabaseUnavailable as exc:
         raise CommandError(str(exc), 2) from exc
     finally:
         engine.dispose()
     if args.json:
-        print_json({"id": row.id, "name": row.name, "role": str(row.role), "token": issued.token})
+        print_json({"id": issued.row.id, "kind": "bootstrap", "token": issued.token})
     else:
         print(issued.token)

@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgefleet.client import GatewayClient
-from edgefleet.cmd_operator import add_connection_options
+from edgefleet.cmd_operator import add_connection_options, client_of
 from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table, until
 
 #: The gateway answers an open once the machine is up or after its open timeout (20 s by
@@ -122,7 +121,7 @@ def _open(args: argparse.Namespace) -> None:
     from provisioning.wg import generate_keypair, render_wg_quick, write_secret_file
 
     keys = generate_keypair()
-    client = GatewayClient(args.gateway, args.token, timeout=OPEN_HTTP_TIMEOUT)
+    client = client_of(args, timeout=OPEN_HTTP_TIMEOUT)
     tunnel: dict[str, Any] = client.post(
         "/tunnels",
         json={
@@ -183,7 +182,7 @@ def _list(args: argparse.Namespace) -> None:
     params: dict[str, Any] = {"include_closed": "true" if args.all else "false"}
     if args.device:
         params["device_id"] = args.device
-    items = GatewayClient(args.gateway, args.token).get("/tunnels", params=params)
+    items = client_of(args).get_all("/tunnels", params=params)
     if args.json:
         print_json(items)
         return
@@ -192,7 +191,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _close(args: argparse.Namespace) -> None:
-    client = GatewayClient(args.gateway, args.token)
+    client = client_of(args)
     item = client.post(f"/tunnels/{args.tunnel_id}/close", json={"reason": args.reason})
     if args.json:
         print_json(item)

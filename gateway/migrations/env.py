@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
+import gateway.accounts.models  # customers, users, sessions, consent
 import gateway.flows.models  # flow releases, module cache, deployments
 import gateway.models  # registers the tables on SQLModel.metadata
 import gateway.telemetry.models  # noqa: F401  (the telemetry tables)

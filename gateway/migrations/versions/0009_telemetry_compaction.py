@@ -4,8 +4,8 @@ Existing installs keep their samples where they are: on PostgreSQL the old sampl
 the default partition of the new partitioned ``telemetry_samples`` (renamed and attached, no
 copy), and the compaction works through it window by window; on SQLite the table stays as it is.
 
-Revision ID: 0008_telemetry_compaction
-Revises: 0007
+Revision ID: 0009_telemetry_compaction
+Revises: 0008_accounts
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_telemetry_compaction"
-down_revision = "0007"
+revision = "0009_telemetry_compaction"
+down_revision = "0008_accounts"
 branch_labels = None
 depends_on = None
 
