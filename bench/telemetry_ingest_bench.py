@@ -54,7 +54,7 @@ from gateway.broker.dynsec import DynsecAdmin, generate_password
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.db import make_engine, migrate
-from gateway.models import Device
+from gateway.registry.models import Device
 from gateway.settings import GatewaySettings
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest
 from gateway.telemetry.metrics import TelemetryMetrics

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from edge_agent.tunnel import TunnelEndpoint, TunnelPolicy, TunnelSession
-from gateway.tunnel import AddressPool, HubTunnel, TunnelHub
+from edge_agent.tunnel.endpoint import TunnelEndpoint, TunnelSession
+from edge_agent.tunnel.policy import TunnelPolicy
+from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub
 from provisioning.wg import generate_keypair
 from tests.support.netns import NetLab, http_get, missing_requirements, ns_socket
 from tests.support.tunnel_lab import TunnelLab
 from tests.support.waiting import wait_for
+from tests.support.wireguard import AddressPool, engineer_config
 
 HTTP_PORT, SINK_PORT, HUB_PORT = 8080, 5001, 51820
 NETWORK = "10.213.0.0/24"
@@ -123,8 +125,8 @@ class Bench:
         if not naive:
             endpoint.connect()
         t3 = time.perf_counter()
-        config = self.hub.engineer_config(
-            session.tunnel_id, eng_keys.private_key, f"{self.eng_link.a_ip}:{HUB_PORT}"
+        config = engineer_config(
+            self.hub, session.tunnel_id, eng_keys.private_key, f"{self.eng_link.a_ip}:{HUB_PORT}"
         )
         _iface, process = self.lab.wg_client("eng", config)
         t4 = time.perf_counter()

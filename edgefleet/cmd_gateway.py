@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> None:
     from gateway.broker.mosquitto import PortInUseError
     from gateway.db import DatabaseUnavailable
     from gateway.server import StartupError, run_gateway
-    from gateway.tunnels.setup import TunnelSetupError
+    from gateway.tunnels.wiring import TunnelSetupError
 
     try:
         run_gateway(settings)
@@ -221,8 +221,8 @@ def _run(args: argparse.Namespace) -> None:
 def _create_token(args: argparse.Namespace) -> None:
     settings = _settings(args, ("data_dir", "db_url"))
     from gateway.db import DatabaseUnavailable, make_engine, migrate, session_scope
-    from gateway.models import Role
-    from gateway.tokens import create_api_token
+    from gateway.registry.models import Role
+    from gateway.registry.tokens import create_api_token
 
     engine = make_engine(settings.database_url)
     try:

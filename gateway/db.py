@@ -1,4 +1,4 @@
-"""Database engine, schema migrations and the session dependency."""
+"""Database engine, schema migrations, sessions, and the UTC timestamp column every table uses."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, create_engine
+from sqlmodel import Column, Field, Session, create_engine
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,30 @@ class DatabaseUnavailable(RuntimeError):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone otherwise)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_column(nullable: bool = False, index: bool = False) -> Any:
+    """A model field stored as a `UTCDateTime` column."""
+    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 
 T = TypeVar("T")

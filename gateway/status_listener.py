@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.devices import record_status
+from gateway.registry.devices import record_status
 from provisioning.wire import DeviceStatus, Topics
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import io
 import json
 import logging
 import os
@@ -443,35 +442,6 @@ def render_wg_quick(
         )
     )
     return config.to_wgconfig(wgquick_format=True)
-
-
-def parse_wg_quick(text: str) -> WireguardConfig:
-    """Read a wg-quick config; a malformed one raises WgConfigError saying what is wrong."""
-    try:
-        config = WireguardConfig.from_wgconfig(io.StringIO(text))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WgConfigError(f"not a valid WireGuard config: {exc}") from exc
-    if config.private_key is None:
-        raise WgConfigError("WireGuard config has no PrivateKey in its [Interface] section")
-    return config
-
-
-def wg_quick_addresses(config: WireguardConfig) -> list[IPv4Interface]:
-    """The IPv4 `Address =` entries of a wg-quick config."""
-    return [a for a in config.addresses if isinstance(a, IPv4Interface)]
-
-
-def wg_quick_allowed_ips(config: WireguardConfig) -> list[IPv4Network]:
-    """All IPv4 AllowedIPs of all peers of a wg-quick config, as networks."""
-    nets: list[IPv4Network] = []
-    for peer in config.peers.values():
-        nets += [a.network for a in peer.allowed_ips if isinstance(a, IPv4Interface)]
-    return nets
-
-
-def strip_wg_quick(config: WireguardConfig) -> str:
-    """The config in `wg setconf` form (wg-quick's Address/MTU/... lines removed)."""
-    return config.to_wgconfig(wgquick_format=False)
 
 
 def host_network(address: IPv4Address) -> IPv4Network:

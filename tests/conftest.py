@@ -23,15 +23,15 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from gateway.app import create_app
+from gateway.broker.admin import DeviceBrokerInfo
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker_admin import DeviceBrokerInfo
 from gateway.db import make_engine, migrate
 from gateway.identity import GatewayIdentity
-from gateway.models import Role
+from gateway.registry.models import Role
+from gateway.registry.tokens import create_api_token
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
-from gateway.tokens import create_api_token
 from tests.support.mosquitto import running_broker
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

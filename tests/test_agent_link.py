@@ -23,8 +23,9 @@ from sqlmodel import Session
 from edge_agent.state import AgentState
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import CommandPublisher, ReplyListener
-from gateway.models import Device
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import ReplyListener
+from gateway.registry.models import Device
 from gateway.runtime import GatewayRuntime
 from gateway.status_listener import StatusListener
 from provisioning import keys

@@ -41,12 +41,12 @@ from sqlalchemy.engine import Engine
 from edge_agent.enroll import enroll
 from edge_agent.state import AgentState
 from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.commands.models import CommandRecord
 from gateway.db import make_engine
-from gateway.models import CommandRecord
 from gateway.settings import GatewaySettings
 from gateway.telemetry.models import batches
-from gateway.tunnel.firewall import HubFirewall
 from gateway.tunnels import reaper
+from gateway.tunnels.wireguard.firewall import HubFirewall
 from provisioning.wg import (
     UAPI_DIR,
     generate_keypair,

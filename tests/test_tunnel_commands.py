@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.tunnel import TunnelEndpoint, TunnelPolicy
-from edge_agent.tunnel_handler import TunnelCommands
+from edge_agent.tunnel.endpoint import TunnelEndpoint
+from edge_agent.tunnel.handler import TunnelCommands
+from edge_agent.tunnel.policy import TunnelPolicy
 from provisioning.jwt_rules import Command
 from provisioning.wg import generate_keypair
 

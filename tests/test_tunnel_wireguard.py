@@ -22,25 +22,21 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.tunnel import (
-    InvalidTunnelSession,
-    TunnelEndpoint,
-    TunnelPolicy,
-    TunnelRefused,
-    TunnelSession,
-)
-from gateway.tunnel import (
-    AddressNotAssignableError,
-    AddressPool,
-    HandshakeTimeoutError,
+from edge_agent.tunnel.endpoint import InvalidTunnelSession, TunnelEndpoint, TunnelSession
+from edge_agent.tunnel.policy import TunnelPolicy, TunnelRefused
+from gateway.tunnels.wireguard.hub import (
     HubTunnel,
-    PoolExhaustedError,
     TunnelConflictError,
     TunnelHub,
     UnknownTunnelError,
+)
+from gateway.tunnels.wireguard.pool import (
+    CGNAT_NETWORK,
+    DEFAULT_NETWORK,
+    AddressNotAssignableError,
+    PoolExhaustedError,
     choose_address,
 )
-from gateway.tunnel.pool import CGNAT_NETWORK, DEFAULT_NETWORK
 from provisioning.wg import (
     UAPI_DIR,
     WgCommandError,
@@ -51,7 +47,6 @@ from provisioning.wg import (
     link_exists,
     nft_list_table,
     normalize_key,
-    parse_wg_quick,
     pid_alive,
     public_key_from_private,
     render_wg_quick,
@@ -70,6 +65,14 @@ from tests.support.netns import (
 )
 from tests.support.node_red import node_red_executable
 from tests.support.waiting import wait_for
+from tests.support.wireguard import (
+    AddressPool,
+    HandshakeTimeoutError,
+    engineer_config,
+    parse_wg_quick,
+    tunnel_stats,
+    wait_for_handshake,
+)
 
 PORT_A, PORT_B, PORT_C = 8080, 2222, 9090
 ECHO_PORT = 7000
@@ -343,7 +346,7 @@ def open_tunnel(
     hub.add_tunnel(tunnel)  # before the device dials
     stack.callback(_remove_if_open, hub, tunnel_id)
     endpoint.connect()
-    config = hub.engineer_config(tunnel_id, eng_keys.private_key, f"{eng_link.a_ip}:{HUB_PORT}")
+    config = engineer_config(hub, tunnel_id, eng_keys.private_key, f"{eng_link.a_ip}:{HUB_PORT}")
     config_path = write_secret_file(tmp_path / f"{tunnel_id}-engineer.conf", config)
     iface, process = lab.net.wg_client(engineer, config, extra_allowed=extra_allowed)
     stack.callback(process.stop)
@@ -410,7 +413,7 @@ def test_engineer_reaches_only_its_device_on_allowed_ports(
         f"dev2:{PORT_A}"
     )
     # Liveness is the handshake age, from `wg show dump`, on both sides.
-    stats = hub.tunnel_stats("t-one")
+    stats = tunnel_stats(hub, "t-one")
     age = stats.device_handshake_age()
     assert age is not None and age < 10
     assert stats.bytes_from_device > 0 and stats.engineer is not None
@@ -551,7 +554,7 @@ def test_close_removes_everything_and_quarantines_addresses(
     dev_iface = t.endpoint.interface
     wg_pid = t.endpoint.pid
     assert wg_pid is not None
-    assert hub.wait_for_handshake("t-close", 5).device_handshake_age() is not None
+    assert wait_for_handshake(hub, "t-close", 5).device_handshake_age() is not None
     assert wait_for(lambda: http_get(t.eng_ns, t.tunnel.device_ip, PORT_A), 5, what="tunnel up")
     assert f"inet {t.endpoint.firewall.table}" in nft_tables(dev_ns)
     assert not [p for p in (tmp_path / "agent-t-close").iterdir() if "key" in p.name]
@@ -734,12 +737,12 @@ def test_offline_device_times_out_and_leaves_nothing(hub: TunnelHub, pool: Addre
     )
     hub.add_tunnel(tunnel)
     with pytest.raises(HandshakeTimeoutError, match=r"no WireGuard handshake .* within 1s"):
-        hub.wait_for_handshake("t-offline", 1.0)
+        wait_for_handshake(hub, "t-offline", 1.0)
     hub.remove_tunnel("t-offline")
     assert hub.peer_stats() == {}
     assert hub.firewall.installed() == {}
     with pytest.raises(UnknownTunnelError, match="no open tunnel 't-offline'"):
-        hub.tunnel_stats("t-offline")
+        tunnel_stats(hub, "t-offline")
     for addr in (tunnel.device_ip, tunnel.engineer_ip):
         pool.release(addr)
 

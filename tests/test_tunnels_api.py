@@ -22,18 +22,20 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from gateway import commands
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import CommandPublisher
+from gateway.commands.models import CommandRecord
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import apply_reply
 from gateway.db import utcnow
-from gateway.models import AuditEvent, CommandRecord, Role
+from gateway.registry.models import AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from gateway.tunnels import reaper, states
 from gateway.tunnels.hooks import TunnelReplyHooks
 from gateway.tunnels.models import HubRecord, TunnelAddress, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
-from gateway.tunnels.setup import TunnelSetupError, install_tunnels
+from gateway.tunnels.wiring import TunnelSetupError
+from gateway.tunnels.wiring import install as install_tunnels
 from provisioning import keys
 from provisioning.wg import generate_keypair
 from provisioning.wire import Reply
@@ -148,9 +150,7 @@ def audits(runtime: GatewayRuntime, action: str) -> list[AuditEvent]:
 
 def reply(runtime: GatewayRuntime, device_id: str, command_id: str, **fields: Any) -> None:
     with Session(runtime.engine, expire_on_commit=False) as session:
-        commands.apply_reply(
-            session, device_id, Reply(command_id=command_id, **fields), runtime.hooks
-        )
+        apply_reply(session, device_id, Reply(command_id=command_id, **fields), runtime.hooks)
 
 
 def addresses_in_use(runtime: GatewayRuntime) -> set[str]:

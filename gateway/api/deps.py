@@ -10,9 +10,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from gateway import devices, tokens
 from gateway.errors import Forbidden, Unauthorized
-from gateway.models import Device, Role
+from gateway.registry import devices, tokens
+from gateway.registry.models import Device, Role
 from gateway.runtime import GatewayRuntime
 
 _bearer = HTTPBearer(auto_error=False)

@@ -6,9 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from gateway import audit, commands, devices, tokens
 from gateway.api.deps import Admin, DeviceDep, OperatorDep, RuntimeDep, SessionDep, Viewer
-from gateway.api.schemas import (
+from gateway.commands.models import CommandRecord
+from gateway.commands.sender import issue
+from gateway.errors import Conflict, NotFound
+from gateway.registry import audit, devices, tokens
+from gateway.registry.devices import EnrollContext
+from gateway.registry.schemas import (
     ApiTokenCreate,
     ApiTokenCreated,
     ApiTokenOut,
@@ -20,9 +24,6 @@ from gateway.api.schemas import (
     ProvisioningTokenCreated,
     ProvisioningTokenOut,
 )
-from gateway.devices import EnrollContext
-from gateway.errors import Conflict, NotFound
-from gateway.models import CommandRecord
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
@@ -130,7 +131,7 @@ def ping_device(
     device = devices.get_device(session, device_id)
     if device.state != "active":
         raise Conflict("device_revoked", f"device {device_id} is revoked")
-    record = commands.issue(
+    record = issue(
         session,
         identity=runtime.identity,
         publisher=runtime.command_publisher(),

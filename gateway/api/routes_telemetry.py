@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from gateway.api.deps import RuntimeDep, SessionDep, Viewer
 from gateway.errors import Invalid, NotFound
-from gateway.models import Device
+from gateway.registry.models import Device
 from gateway.telemetry import queries
 from provisioning.telemetry import METRIC_PATTERN, is_metric_name
 from provisioning.wire import ErrorBody

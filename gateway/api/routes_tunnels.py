@@ -8,10 +8,10 @@ from fastapi import APIRouter, Body, Query, status
 
 from gateway.api.deps import OperatorDep, RuntimeDep, SessionDep, Viewer
 from gateway.db import utcnow
-from gateway.tunnel.pool import parse_network
 from gateway.tunnels import addresses, service
 from gateway.tunnels.models import HubRecord
 from gateway.tunnels.schemas import PoolOut, TunnelClose, TunnelOpen, TunnelOut
+from gateway.tunnels.wireguard.pool import parse_network
 from provisioning.wire import ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {

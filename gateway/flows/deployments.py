@@ -19,14 +19,14 @@ from typing import Final
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.db import utcnow
 from gateway.errors import Conflict, Forbidden, GatewayError, Invalid, NotFound
 from gateway.flows.models import Deployment, DeploymentDevice, FlowModule, FlowRelease
 from gateway.flows.module_cache import get_module
 from gateway.flows.releases import resolve_digest
 from gateway.flows.targets import Share, Target, parse_percent, plan_waves, select_devices
-from gateway.models import Device
+from gateway.registry import audit
+from gateway.registry.models import Device
 from provisioning.jwt_rules import MAX_COMMAND_LIFETIME
 
 __all__ = [

@@ -14,11 +14,11 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from gateway.commands import ReplyHook
+from gateway.commands.models import CommandRecord
+from gateway.commands.replies import ReplyHook
 from gateway.db import utcnow
 from gateway.flows.deployments import FINAL_STATES
 from gateway.flows.models import DeploymentDevice
-from gateway.models import CommandRecord
 from provisioning.wire import Reply
 
 __all__ = ["device_state_of", "make_reply_hook"]

@@ -36,15 +36,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands
-from gateway.commands import CommandPublisher
+from gateway.commands.models import CommandRecord
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.sender import Issued, issue_many
 from gateway.db import retry_deadlocks, utcnow
 from gateway.errors import Unavailable
 from gateway.flows.deployments import FAILURE_STATES, FINAL_STATES, IN_FLIGHT_STATES, RUNNING
 from gateway.flows.models import Deployment, DeploymentDevice, FlowRelease
 from gateway.flows.module_cache import modules_by_ref
 from gateway.identity import GatewayIdentity
-from gateway.models import CommandRecord
+from gateway.registry import audit
 from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
 
 __all__ = ["RolloutScheduler", "TickReport"]
@@ -335,7 +336,7 @@ class RolloutScheduler:
         for start in range(0, len(order), _SEND_CHUNK):
             chunk = order[start : start + _SEND_CHUNK]
             try:
-                issued = commands.issue_many(
+                issued = issue_many(
                     session,
                     identity=self._identity,
                     publisher=publisher,
@@ -354,9 +355,7 @@ class RolloutScheduler:
             report.sent.extend(chunk)
 
     @staticmethod
-    def _record_command_ids(
-        session: Session, deployment_id: str, issued: list[commands.Issued]
-    ) -> None:
+    def _record_command_ids(session: Session, deployment_id: str, issued: list[Issued]) -> None:
         """Note which command each device got, in one transaction for many devices (a reply
         that arrives first sets it too, so nothing waits for this). A command the broker did
         not confirm keeps its device's claim, with a note: its result or its timeout decides."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
+import gateway.commands.models
 import gateway.flows.models  # flow releases, module cache, deployments
-import gateway.models  # registers the tables on SQLModel.metadata
+import gateway.registry.models  # registers the tables on SQLModel.metadata
 import gateway.telemetry.models  # noqa: F401  (the telemetry tables)
 from gateway.tunnels import models as tunnel_models  # noqa: F401  (support tunnels)
 

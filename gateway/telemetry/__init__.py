@@ -8,5 +8,5 @@
 - `queries`: latest values, bucketed ranges, CSV export;
 - `retention`: deletes old samples in small chunks;
 - `metrics`: Prometheus counters of all of the above;
-- `service`: starts ingest and retention for `edgefleet gateway run`.
+- `wiring`: starts ingest and retention in a running gateway.
 """

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from gateway.commands import FINAL_STATES, ReplyHooks
+from gateway.commands.models import CommandRecord
+from gateway.commands.replies import FINAL_STATES, ReplyHooks
 from gateway.db import utcnow
-from gateway.models import CommandRecord
 from gateway.tunnels import states
 from gateway.tunnels.lifecycle import begin_close, transition
 from gateway.tunnels.models import TunnelRecord

@@ -29,15 +29,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands
+from gateway.commands.sender import issue
 from gateway.db import utcnow
 from gateway.errors import Unavailable
+from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.hub import HubTunnel, TunnelHub, UnknownTunnelError
 from gateway.tunnels import states
 from gateway.tunnels.lifecycle import begin_close, finalize, send_device_closes, transition
 from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
+from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub, UnknownTunnelError
 from provisioning.wg import PeerStats, WireGuardError
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class HubRunner:
         lifetime = max(30, int((row.open_deadline - utcnow()).total_seconds()) + 1)
         try:
             with Session(self.runtime.engine, expire_on_commit=False) as session:
-                commands.issue(
+                issue(
                     session,
                     identity=self.runtime.identity,
                     publisher=self.runtime.command_publisher(),

@@ -17,12 +17,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands
+from gateway.commands.sender import issue
 from gateway.errors import Unavailable
+from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.hub import TunnelStats
 from gateway.tunnels import addresses, states
 from gateway.tunnels.models import TunnelRecord
+from gateway.tunnels.wireguard.hub import TunnelStats
 from provisioning.jwt_rules import MAX_COMMAND_LIFETIME
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def send_device_closes(session: Session, runtime: GatewayRuntime, now: datetime)
             continue
         lifetime = max(MIN_CLOSE_LIFETIME, math.ceil((tunnel.expires_at - now).total_seconds()))
         try:
-            commands.issue(
+            issue(
                 session,
                 identity=runtime.identity,
                 publisher=runtime.command_publisher(),

@@ -22,15 +22,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands, devices
+from gateway.commands.sender import issue
 from gateway.db import utcnow
 from gateway.errors import Conflict, GatewayError, Invalid, NotFound, Unavailable
+from gateway.registry import audit, devices
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.pool import PoolExhaustedError, parse_network
 from gateway.tunnels import addresses, states
 from gateway.tunnels.addresses import AddressRaceError
 from gateway.tunnels.lifecycle import begin_close, finalize
 from gateway.tunnels.models import HubRecord, TunnelRecord
+from gateway.tunnels.wireguard.pool import PoolExhaustedError, parse_network
 
 HUB_ID = "default"
 #: A hub that has not written its heartbeat for this long is taken as down.
@@ -239,7 +240,7 @@ def open_tunnel(
     if tunnel is None:
         raise Unavailable("busy", "could not allocate tunnel addresses (contention); try again")
     try:
-        commands.issue(
+        issue(
             session,
             identity=runtime.identity,
             publisher=publisher,

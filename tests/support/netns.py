@@ -30,18 +30,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from provisioning.wg import (
-    UAPI_DIR,
-    WireGuardGo,
-    configure_link,
+from provisioning.wg import UAPI_DIR, WireGuardGo, configure_link, pid_alive, run_command
+from tests.support.waiting import wait_for
+from tests.support.wireguard import (
     parse_wg_quick,
-    pid_alive,
-    run_command,
     strip_wg_quick,
     wg_quick_addresses,
     wg_quick_allowed_ips,
 )
-from tests.support.waiting import wait_for
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000

@@ -32,11 +32,11 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from edge_agent.outbox import Outbox
-from edge_agent.telemetry_sender import TelemetrySender
+from edge_agent.telemetry.outbox import Outbox
+from edge_agent.telemetry.sender import TelemetrySender
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.models import Device
+from gateway.registry.models import Device
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.models import samples, series

@@ -19,7 +19,7 @@ from typing import Final
 
 import psutil
 
-from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.telemetry.outbox import Outbox, OutboxError
 from provisioning.telemetry import BatchRejected
 
 log = logging.getLogger(__name__)

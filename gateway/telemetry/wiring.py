@@ -1,21 +1,19 @@
-"""Starts the gateway's telemetry parts (ingest, retention, their metrics) for `gateway run`."""
+"""Plugs telemetry into a gateway: the ingest, the retention job and their metrics."""
 
 from __future__ import annotations
 
 import contextlib
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.runtime import GatewayRuntime
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest, default_client_id
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.retention import RetentionJob
 
 
-def start_telemetry(
-    runtime: GatewayRuntime, endpoint: MqttEndpoint, stack: contextlib.ExitStack
-) -> TelemetryIngest:
+def install(runtime: GatewayRuntime, stack: contextlib.ExitStack) -> TelemetryIngest:
     """Start ingest and retention; ``stack`` stops them (ingest first in, last out)."""
     settings = runtime.settings
+    endpoint = runtime.mqtt_endpoint()
     metrics = TelemetryMetrics(runtime.metrics)
     options = IngestOptions(
         client_id=default_client_id(settings.data_dir, settings.replica_name),

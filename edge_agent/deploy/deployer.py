@@ -18,26 +18,27 @@ The rules this module keeps, and why:
 - **No public registry.** Missing modules come as tarballs from a pluggable ModuleSource (the
   gateway's module cache in production) and are uploaded to Node-RED, which installs them
   offline. Module installs are not undone on rollback: they only add node types.
-- **Crash-safe state.** Every state file is replaced atomically. Before a deploy we journal
-  what we are about to write, so if the agent dies between Node-RED's answer and saving the new
-  rev, the next run recognises its own write instead of calling it drift.
+- **Crash-safe state.** Every state file is replaced atomically (`DeployerStore`). Before a
+  deploy we journal what we are about to write, so if the agent dies between Node-RED's answer
+  and saving the new rev, the next run recognises its own write instead of calling it drift.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
-import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from edge_agent.deploy.store import (
+    DeployerState,
+    DeployerStore,
+    DeployResult,
+    DeployStatus,
+    LastKnownGood,
+    PendingWrite,
+)
 from edge_agent.node_red import (
     NodeRedClient,
     NodeRedError,
@@ -47,11 +48,8 @@ from edge_agent.node_red import (
 from provisioning.bundles import Bundle, ModuleRef, canonical_json
 
 __all__ = [
-    "DeployResult",
-    "DeployStatus",
     "DirectoryModuleSource",
     "FlowDeployer",
-    "LastKnownGood",
     "ModuleSource",
     "ModuleUnavailable",
     "ProgressCallback",
@@ -60,13 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DeployStatus = Literal["succeeded", "failed", "rolled_back", "drift"]
 ProgressCallback = Callable[[str, str | None], None]
 """Called as progress(step, detail) with step "installing", "applying" or "verifying"."""
-
-_STATE_FILE = "node-red-state.json"
-_RESULTS_DIR = "results"
-_LOCK_FILE = "lock"
 
 
 class ModuleUnavailable(Exception):
@@ -102,67 +95,8 @@ class DirectoryModuleSource:
         return path
 
 
-class DeployResult(BaseModel):
-    """The outcome of one deployment on this machine, as reported to the gateway."""
-
-    model_config = ConfigDict(frozen=True)
-
-    deployment_id: str
-    status: DeployStatus
-    rev: str | None = None
-    """Node-RED's flows rev after the deployment (the new one, or the restored one)."""
-    error: str | None = None
-    bundle_digest: str
-    retryable: bool = False
-    """True when nothing was changed because Node-RED was unreachable; such a result is not
-    stored, so the same deployment id can be tried again."""
-    finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-
-
-class LastKnownGood(BaseModel):
-    """Flows we deployed and verified (or found on the machine at the first deploy)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    rev: str
-    flows: list[dict[str, Any]]
-    deployment_id: str | None = None
-    bundle_digest: str | None = None
-
-
-class _PendingWrite(BaseModel):
-    deployment_id: str
-    flows_digest: str
-
-
-class _State(BaseModel):
-    written_rev: str
-    good: LastKnownGood
-    pending: _PendingWrite | None = None
-
-
 def _flows_digest(flows: Sequence[dict[str, Any]]) -> str:
     return hashlib.sha256(canonical_json(list(flows))).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename so a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class FlowDeployer:
@@ -182,70 +116,15 @@ class FlowDeployer:
         self.client = client
         self.state_dir = state_dir
         self.module_source = module_source
-        self.max_results = max_results
-        self._lock = threading.Lock()
-        (state_dir / _RESULTS_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    # -- persistence -----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._lock, (self.state_dir / _LOCK_FILE).open("a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-    def _result_path(self, deployment_id: str) -> Path:
-        name = hashlib.sha256(deployment_id.encode("utf-8")).hexdigest()
-        return self.state_dir / _RESULTS_DIR / f"{name}.json"
+        self.store = DeployerStore(state_dir, max_results)
 
     def stored_result(self, deployment_id: str) -> DeployResult | None:
         """The stored result of a deployment id, if it ran on this machine before."""
-        path = self._result_path(deployment_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return DeployResult.model_validate_json(data)
-        except ValidationError as exc:
-            raise RuntimeError(
-                f"stored deployment result {path} is unreadable ({exc.error_count()} errors); "
-                "move it away to let the deployment run again"
-            ) from exc
-
-    def _store_result(self, result: DeployResult) -> None:
-        _atomic_write(
-            self._result_path(result.deployment_id), result.model_dump_json().encode("utf-8")
-        )
-        results = sorted(
-            (self.state_dir / _RESULTS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime
-        )
-        for old in results[: max(0, len(results) - self.max_results)]:
-            old.unlink(missing_ok=True)
-
-    def _load_state(self) -> _State | None:
-        path = self.state_dir / _STATE_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return _State.model_validate_json(data)
-        except ValidationError as exc:
-            raise RuntimeError(
-                f"deployer state {path} is unreadable ({exc.error_count()} errors); it holds "
-                "the last-known-good flows, so it was not overwritten; repair or remove it"
-            ) from exc
-
-    def _save_state(self, state: _State) -> None:
-        _atomic_write(self.state_dir / _STATE_FILE, state.model_dump_json().encode("utf-8"))
+        return self.store.result(deployment_id)
 
     def last_known_good(self) -> LastKnownGood | None:
         """The flows a failed deploy would be rolled back to (None before the first deploy)."""
-        state = self._load_state()
+        state = self.store.load()
         return state.good if state else None
 
     # -- the deploy ------------------------------------------------------------------------
@@ -264,7 +143,7 @@ class FlowDeployer:
         """
         if not deployment_id:
             raise ValueError("a deployment id is required (it makes repeats deploy once)")
-        with self._locked():
+        with self.store.locked():
             stored = self.stored_result(deployment_id)
             if stored is not None:
                 if stored.bundle_digest != bundle.digest:
@@ -280,7 +159,7 @@ class FlowDeployer:
             run = _Run(self, deployment_id, bundle, force, progress)
             result = run.execute()
             if not result.retryable:
-                self._store_result(result)
+                self.store.save_result(result)
             logger.info(
                 "deployment %s: %s (rev %s)%s",
                 deployment_id,
@@ -304,6 +183,7 @@ class _Run:
     ) -> None:
         self.deployer = deployer
         self.client = deployer.client
+        self.store = deployer.store
         self.deployment_id = deployment_id
         self.bundle = bundle
         self.digest = bundle.digest
@@ -361,8 +241,10 @@ class _Run:
                 rev_now,
                 state.written_rev,
             )
-            state = _State(written_rev=rev_now, good=LastKnownGood(rev=rev_now, flows=flows_now))
-            self.deployer._save_state(state)
+            state = DeployerState(
+                written_rev=rev_now, good=LastKnownGood(rev=rev_now, flows=flows_now)
+            )
+            self.store.save(state)
 
         try:
             self._install_modules()
@@ -372,14 +254,14 @@ class _Run:
             return self.result("failed", rev_now, f"module install failed: {exc}")
 
         self.progress("applying", f"{len(self.bundle.flows)} nodes over rev {rev_now}")
-        pending = _PendingWrite(
+        pending = PendingWrite(
             deployment_id=self.deployment_id, flows_digest=_flows_digest(self.bundle.flows)
         )
-        self.deployer._save_state(state.model_copy(update={"pending": pending}))
+        self.store.save(state.model_copy(update={"pending": pending}))
         try:
             new_rev = self._deploy(rev_now)
         except RevisionConflict as exc:
-            self.deployer._save_state(state)
+            self.store.save(state)
             return self.result(
                 "drift",
                 None,
@@ -388,7 +270,7 @@ class _Run:
         except NodeRedError as exc:
             return self._after_failed_deploy(state, rev_now, f"deploy failed: {exc}")
         state = state.model_copy(update={"written_rev": new_rev, "pending": None})
-        self.deployer._save_state(state)
+        self.store.save(state)
 
         self.progress("verifying", new_rev)
         try:
@@ -403,18 +285,20 @@ class _Run:
             deployment_id=self.deployment_id,
             bundle_digest=self.digest,
         )
-        self.deployer._save_state(state.model_copy(update={"good": good}))
+        self.store.save(state.model_copy(update={"good": good}))
         return self.result("succeeded", new_rev)
 
-    def _reconcile(self, rev_now: str, flows_now: list[dict[str, Any]]) -> _State:
+    def _reconcile(self, rev_now: str, flows_now: list[dict[str, Any]]) -> DeployerState:
         """Load our state; take a baseline on first use; recognise an interrupted own write."""
-        state = self.deployer._load_state()
+        state = self.store.load()
         if state is None:
             logger.info(
                 "first deployment on this machine: Node-RED's rev %s is the baseline", rev_now
             )
-            state = _State(written_rev=rev_now, good=LastKnownGood(rev=rev_now, flows=flows_now))
-            self.deployer._save_state(state)
+            state = DeployerState(
+                written_rev=rev_now, good=LastKnownGood(rev=rev_now, flows=flows_now)
+            )
+            self.store.save(state)
             return state
         if state.pending is not None:
             if rev_now != state.written_rev and _flows_digest(flows_now) == (
@@ -427,7 +311,7 @@ class _Run:
                 )
                 state = state.model_copy(update={"written_rev": rev_now})
             state = state.model_copy(update={"pending": None})
-            self.deployer._save_state(state)
+            self.store.save(state)
         return state
 
     def _install_modules(self) -> None:
@@ -503,18 +387,20 @@ class _Run:
             return "Node-RED's flows are stopped (someone stopped them on the machine)"
         return None
 
-    def _after_failed_deploy(self, state: _State, rev_before: str, reason: str) -> DeployResult:
+    def _after_failed_deploy(
+        self, state: DeployerState, rev_before: str, reason: str
+    ) -> DeployResult:
         """A POST /flows that failed may or may not have reached Node-RED: look before acting."""
         try:
             rev_after, _ = self.client.get_flows()
         except NodeRedError as exc:
             return self.result("failed", None, f"{reason}; cannot read Node-RED's flows: {exc}")
         if rev_after == rev_before:
-            self.deployer._save_state(state)  # clears the pending write
+            self.store.save(state)  # clears the pending write
             return self.result("failed", rev_before, f"{reason}; Node-RED's flows are unchanged")
         return self._rollback(state, reason)
 
-    def _rollback(self, state: _State, reason: str) -> DeployResult:
+    def _rollback(self, state: DeployerState, reason: str) -> DeployResult:
         logger.warning(
             "deployment %s failed (%s); restoring rev %s",
             self.deployment_id,
@@ -529,7 +415,7 @@ class _Run:
                 "failed", None, f"{reason}; restoring the previous flows failed: {exc}"
             )
         good = state.good.model_copy(update={"rev": restored})
-        self.deployer._save_state(_State(written_rev=restored, good=good))
+        self.store.save(DeployerState(written_rev=restored, good=good))
         return self.result(
             "rolled_back", restored, f"{reason}; restored the previous flows (rev {restored})"
         )

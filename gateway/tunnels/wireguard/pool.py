@@ -5,16 +5,14 @@ newest peer, so traffic meant for one machine would reach another. The allocator
 one place that decides addresses, and it checks every address it hands out or is handed.
 
 `choose_address` is a pure function of (pool, addresses in use, recent releases, now) so the
-gateway can drive it from a database query and keep the state in the database; `AddressPool` is a
-small in-memory wrapper around it for a single process and for tests.
+gateway drives it from a database query and keeps the state in the database
+(`gateway.tunnels.addresses`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
 logger = logging.getLogger(__name__)
@@ -67,7 +65,7 @@ def hub_address(network: IPv4Network) -> IPv4Address:
     return network.network_address + 1
 
 
-def _as_address(value: IPv4Address | str) -> IPv4Address:
+def as_address(value: IPv4Address | str) -> IPv4Address:
     addr = ip_address(value) if isinstance(value, str) else value
     if not isinstance(addr, IPv4Address):
         raise AddressNotAssignableError(f"{value!r} is not an IPv4 address")
@@ -78,7 +76,7 @@ def check_assignable(
     network: IPv4Network, address: IPv4Address | str, in_use: Collection[IPv4Address]
 ) -> IPv4Address:
     """Return `address` if it may be given to a new peer as its /32, else raise why not."""
-    addr = _as_address(address)
+    addr = as_address(address)
     if addr not in network:
         raise AddressNotAssignableError(f"{addr} is not in the tunnel pool {network}")
     if addr in (network.network_address, network.broadcast_address):
@@ -128,77 +126,3 @@ def choose_address(
         f"tunnel address pool exhausted: {detail}. Close tunnels that are no longer needed or "
         "configure a larger pool."
     )
-
-
-class AddressPool:
-    """In-memory allocator over `choose_address`, for one process (thread-safe).
-
-    Seed it from stored state with `in_use`/`released` to continue where a previous process left.
-    """
-
-    def __init__(
-        self,
-        network: str | IPv4Network = DEFAULT_NETWORK,
-        *,
-        quarantine: float = DEFAULT_QUARANTINE,
-        in_use: Iterable[IPv4Address] = (),
-        released: Mapping[IPv4Address, float] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        if quarantine < 0:
-            raise PoolError("quarantine must be zero or more seconds")
-        self.network = parse_network(network)
-        self.quarantine = quarantine
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._in_use: set[IPv4Address] = set()
-        self._released: dict[IPv4Address, float] = dict(released or {})
-        for addr in in_use:
-            self.reserve(addr)
-
-    @property
-    def hub_address(self) -> IPv4Address:
-        """The hub's own address (never handed out)."""
-        return hub_address(self.network)
-
-    @property
-    def in_use(self) -> frozenset[IPv4Address]:
-        """Addresses currently assigned."""
-        with self._lock:
-            return frozenset(self._in_use)
-
-    @property
-    def released(self) -> dict[IPv4Address, float]:
-        """Recently released addresses and when (for persisting)."""
-        with self._lock:
-            return dict(self._released)
-
-    def allocate(self) -> IPv4Address:
-        """A fresh /32 for a new peer; raises PoolExhaustedError when none is free."""
-        with self._lock:
-            addr = choose_address(
-                self.network, self._in_use, self._released, self._clock(), self.quarantine
-            )
-            self._in_use.add(addr)
-            self._released.pop(addr, None)
-            return addr
-
-    def reserve(self, address: IPv4Address | str) -> IPv4Address:
-        """Mark a known address (from stored state) as in use, checking that it may be."""
-        with self._lock:
-            addr = check_assignable(self.network, address, self._in_use)
-            self._in_use.add(addr)
-            self._released.pop(addr, None)
-            return addr
-
-    def release(self, address: IPv4Address | str) -> None:
-        """Give an address back; it stays in quarantine before it is handed out again."""
-        addr = _as_address(address)
-        with self._lock:
-            if addr not in self._in_use:
-                raise AddressNotAssignableError(f"{addr} is not assigned, so it cannot be released")
-            self._in_use.remove(addr)
-            self._released[addr] = self._clock()
-            cutoff = self._clock() - self.quarantine
-            for old in [a for a, when in self._released.items() if when <= cutoff]:
-                del self._released[old]

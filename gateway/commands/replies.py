@@ -1,8 +1,8 @@
-"""Commands to machines: signed, recorded, published, and followed through their replies.
+"""Replies to commands: stored on whichever replica receives them, with each feature's hook.
 
-Every command is a row in ``commands`` before it is published, and every reply updates that row,
-whichever replica receives it (replies arrive on a shared subscription). Nothing about a command
-lives only in one process's memory, so a replica that dies strands nothing.
+Every reply updates its command's row (`gateway.commands.models.CommandRecord`), whichever replica
+receives it (replies arrive on a shared subscription). Nothing about a command lives only in one
+process's memory, so a replica that dies strands nothing.
 
 Features hook in by command kind: `ReplyHooks.register("deploy", fn)` runs `fn(session, command,
 reply)` in the same transaction that stores the reply, e.g. to move a deployment's device state.
@@ -13,14 +13,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
-import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
@@ -29,11 +26,8 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.db import is_deadlock, retry_deadlocks, utcnow
-from gateway.errors import Unavailable
-from gateway.identity import GatewayIdentity
-from gateway.models import CommandRecord
-from provisioning.jwt_rules import sign_command
+from gateway.commands.models import CommandRecord
+from gateway.db import is_deadlock, utcnow
 from provisioning.wire import Reply, Topics
 
 log = logging.getLogger(__name__)
@@ -53,171 +47,6 @@ class ReplyHooks:
 
     def for_kind(self, kind: str) -> list[ReplyHook]:
         return self._hooks.get(kind, [])
-
-
-class CommandPublisher:
-    """The gateway's connection for sending commands (QoS 1, waits for the broker's PUBACK)."""
-
-    def __init__(self, endpoint: MqttEndpoint, topics: Topics, timeout: float = 5.0) -> None:
-        self._topics = topics
-        self._timeout = timeout
-        self._endpoint = endpoint
-        self._connected = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-cmd-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv5,
-        )
-        endpoint.configure(self._client)
-        self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(1, 5)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-
-    def start(self) -> None:
-        self._client.connect_async(self._endpoint.host, self._endpoint.port)
-        self._client.loop_start()
-        self._connected.wait(self._timeout)
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def _on_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("command publisher refused by the broker: %s", reason_code)
-        else:
-            self._connected.set()
-
-    def _on_disconnect(self, *_args: Any) -> None:
-        self._connected.clear()
-
-    def publish_many(self, messages: Sequence[tuple[str, str]]) -> list[bool]:
-        """Publish ``(device_id, token)`` commands together, then wait for their PUBACKs.
-
-        Returns, per message, whether the broker confirmed it within the timeout (unconfirmed
-        ones may still arrive). Raises `Unavailable` when not connected: nothing was sent.
-        """
-        if not self._connected.wait(self._timeout):
-            raise Unavailable("broker_unavailable", "not connected to the broker; try again")
-        infos = [self._client.publish(self._topics.cmd(d), token, qos=1) for d, token in messages]
-        deadline = time.monotonic() + self._timeout
-        confirmed = []
-        for info in infos:
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            confirmed.append(info.rc == mqtt.MQTT_ERR_SUCCESS and info.is_published())
-        return confirmed
-
-
-def issue(
-    session: Session,
-    *,
-    identity: GatewayIdentity,
-    publisher: CommandPublisher,
-    device_id: str,
-    kind: str,
-    args: Mapping[str, Any],
-    lifetime: int,
-    actor: str,
-    ref: str | None = None,
-) -> CommandRecord:
-    """Sign, record and publish one command (see `issue_many`); raises `Unavailable` if the
-    broker is not connected or did not confirm it."""
-    [issued] = issue_many(
-        session,
-        identity=identity,
-        publisher=publisher,
-        device_ids=[device_id],
-        kind=kind,
-        args=args,
-        lifetime=lifetime,
-        actor=actor,
-        ref=ref,
-    )
-    if not issued.confirmed:
-        raise Unavailable("broker_unavailable", "the broker did not acknowledge the command")
-    record = session.get(CommandRecord, issued.command_id)
-    assert record is not None
-    return record
-
-
-class Issued(NamedTuple):
-    device_id: str
-    command_id: str
-    confirmed: bool
-    """The broker acknowledged it (PUBACK) within the publisher's timeout."""
-
-
-def issue_many(
-    session: Session,
-    *,
-    identity: GatewayIdentity,
-    publisher: CommandPublisher,
-    device_ids: Sequence[str],
-    kind: str,
-    args: Mapping[str, Any],
-    lifetime: int,
-    actor: str,
-    ref: str | None = None,
-) -> list[Issued]:
-    """Sign, record and publish the same command to several devices, each its own signed token.
-
-    The rows are committed before anything is published, so a reply can never arrive for a
-    command the database does not know; then all are published at once and their PUBACKs
-    awaited together (a rollout's wave costs two commits and one broker round trip, not that
-    many per device). Returns, per device, its command id and whether the broker confirmed it;
-    confirmed commands are marked `sent`, the others stay `queued` (their reply or expiry
-    decides). Raises
-    `Unavailable` when the broker is not connected: the rows stay `queued`, nothing was sent.
-    """
-    now = utcnow()
-    records: list[CommandRecord] = []
-    tokens: list[tuple[str, str]] = []
-    for device_id in device_ids:
-        command_id, token = sign_command(
-            identity.private_key,
-            gateway_id=identity.gateway_id,
-            device_id=device_id,
-            kind=kind,
-            args=args,
-            lifetime=lifetime,
-        )
-        records.append(
-            CommandRecord(
-                id=command_id,
-                device_id=device_id,
-                kind=kind,
-                args=dict(args),
-                state="queued",
-                created_at=now,
-                updated_at=now,
-                expires_at=now + timedelta(seconds=lifetime),
-                actor=actor,
-                ref=ref,
-            )
-        )
-        tokens.append((device_id, token))
-    ids = [(record.device_id, record.id) for record in records]  # before the commit expires them
-    session.add_all(records)
-    session.commit()
-    confirmed = publisher.publish_many(tokens)
-    sent = [command_id for (_d, command_id), ok in zip(ids, confirmed, strict=True) if ok]
-    if sent:  # not where a reply came first and moved it on already
-        table: sa.Table = CommandRecord.__table__  # type: ignore[attr-defined]
-
-        def mark_sent() -> None:
-            session.execute(
-                sa.update(table)
-                .where(table.c.id.in_(sent), table.c.state == "queued")
-                .values(state="sent", updated_at=utcnow())
-            )
-            session.commit()
-
-        retry_deadlocks(session, mark_sent)
-    return [Issued(d, c, ok) for (d, c), ok in zip(ids, confirmed, strict=True)]
 
 
 def apply_reply(
@@ -245,11 +74,6 @@ def apply_reply(
     if commit:
         session.commit()
     return record
-
-
-def pending_for(session: Session, ref: str) -> list[CommandRecord]:
-    query = select(CommandRecord).where(CommandRecord.ref == ref)
-    return list(session.exec(query.order_by(col(CommandRecord.created_at))))
 
 
 def superseding(replies: list[tuple[str, Reply]]) -> list[tuple[str, Reply]]:

@@ -7,35 +7,14 @@ through SQLAlchemy Core on its hot path.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import JSON, Column, Field, SQLModel
 
-
-class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone otherwise)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _ts(nullable: bool = False, index: bool = False) -> Any:
-    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+from gateway.db import utc_column as _ts
 
 
 class Role(StrEnum):
@@ -124,22 +103,3 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     target: str = Field(default="", max_length=128, index=True)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-
-
-class CommandRecord(SQLModel, table=True):
-    """A signed command sent to one machine, and the latest thing it said about it."""
-
-    __tablename__ = "commands"
-
-    id: str = Field(primary_key=True, max_length=64)
-    device_id: str = Field(max_length=64, index=True)
-    kind: str = Field(max_length=32)
-    args: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    state: str = Field(max_length=24)
-    detail: str | None = Field(default=None, sa_column=Column(sa.Text(), nullable=True))
-    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    created_at: datetime = _ts()
-    updated_at: datetime = _ts()
-    expires_at: datetime = _ts()
-    actor: str = Field(max_length=80)
-    ref: str | None = Field(default=None, max_length=80, index=True)

@@ -11,13 +11,13 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import Session, col, select
 
-from gateway import audit
-from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
+from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound, Unauthorized, Unavailable
 from gateway.identity import GatewayIdentity
-from gateway.models import Device, DeviceState, UsedJti
-from gateway.tokens import consume_provisioning_token
+from gateway.registry import audit
+from gateway.registry.models import Device, DeviceState, UsedJti
+from gateway.registry.tokens import consume_provisioning_token
 from provisioning import keys
 from provisioning.jwt_rules import DeviceClaims, TokenRejected, verify_device_token
 from provisioning.secrets import hash_secret, new_secret

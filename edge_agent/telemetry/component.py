@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.host_metrics import HostSampler
-from edge_agent.intake import IntakeError, IntakeServer
-from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.settings import AgentSettings
-from edge_agent.telemetry_sender import TelemetrySender
+from edge_agent.telemetry.host_metrics import HostSampler
+from edge_agent.telemetry.intake import IntakeError, IntakeServer
+from edge_agent.telemetry.outbox import Outbox, OutboxError
+from edge_agent.telemetry.sender import TelemetrySender
 
 if TYPE_CHECKING:
     from edge_agent.runner import Agent

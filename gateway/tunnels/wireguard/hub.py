@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from pathlib import Path
 
-from gateway.tunnel.firewall import HubFirewall, TunnelRule, check_tunnel_id
-from gateway.tunnel.pool import DEFAULT_NETWORK, check_assignable, hub_address, parse_network
+from gateway.tunnels.wireguard.firewall import HubFirewall, TunnelRule, check_tunnel_id
+from gateway.tunnels.wireguard.pool import (
+    DEFAULT_NETWORK,
+    check_assignable,
+    hub_address,
+    parse_network,
+)
 from provisioning.wg import (
     DEFAULT_MTU,
     PeerStats,
@@ -41,7 +46,6 @@ from provisioning.wg import (
     load_or_create_private_key,
     normalize_key,
     public_key_from_private,
-    render_wg_quick,
     set_sysctl,
     uapi_alive,
     wg_set_peers,
@@ -53,8 +57,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_INTERFACE = "efhub0"
 DEFAULT_LISTEN_PORT = 51820
-#: Keepalive written into engineers' configs (their laptops sit behind NAT too).
-ENGINEER_KEEPALIVE = 25
 
 
 def _wait_until_gone(interface: str, timeout: float = 2.0) -> bool:
@@ -73,10 +75,6 @@ class TunnelHubError(WireGuardError):
 
 class TunnelConflictError(ValueError):
     """A tunnel would reuse an id, key or address another tunnel holds."""
-
-
-class HandshakeTimeoutError(TunnelHubError):
-    """The device did not complete a WireGuard handshake in time (offline, blocked, wrong key)."""
 
 
 class UnknownTunnelError(KeyError):
@@ -437,59 +435,4 @@ class TunnelHub:
             tunnel.tunnel_id,
             peers.get(tunnel.device_public_key),
             peers.get(tunnel.engineer_public_key),
-        )
-
-    def tunnel_stats(self, tunnel_id: str) -> TunnelStats:
-        """Both peers of one open tunnel (liveness = `device_handshake_age()`)."""
-        with self._lock:
-            tunnel = self._tunnels.get(tunnel_id)
-            if tunnel is None:
-                raise UnknownTunnelError(f"no open tunnel {tunnel_id!r} on hub {self.interface}")
-        return self._stats_for(tunnel, self.peer_stats())
-
-    def wait_for_handshake(
-        self, tunnel_id: str, timeout: float, *, interval: float = 0.05
-    ) -> TunnelStats:
-        """Wait until the device of `tunnel_id` has completed a handshake with the hub.
-
-        Keys are fresh per session, so any handshake with this peer belongs to this tunnel. Raises
-        HandshakeTimeoutError after `timeout` seconds; the tunnel stays open (the caller decides
-        to remove it).
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.tunnel_stats(tunnel_id)
-            if stats.device is not None and stats.device.last_handshake is not None:
-                return stats
-            if time.monotonic() >= deadline:
-                raise HandshakeTimeoutError(
-                    f"tunnel {tunnel_id}: the device made no WireGuard handshake with the hub "
-                    f"within {timeout:.0f}s; it may be offline or unable to reach the hub's "
-                    f"UDP port {self.listen_port}"
-                )
-            time.sleep(interval)
-
-    def engineer_config(self, tunnel_id: str, engineer_private_key: str, endpoint: str) -> str:
-        """The engineer's wg-quick config: their /32, the hub as only peer, the device reachable.
-
-        `endpoint` is how the engineer reaches the hub (public HOST:PORT). Write it with
-        `provisioning.wg.write_secret_file` (mode 0600).
-        """
-        with self._lock:
-            tunnel = self._tunnels.get(tunnel_id)
-        if tunnel is None:
-            raise UnknownTunnelError(f"no open tunnel {tunnel_id!r} on hub {self.interface}")
-        if public_key_from_private(engineer_private_key) != tunnel.engineer_public_key:
-            raise ValueError(
-                f"tunnel {tunnel_id}: the engineer private key does not match the engineer "
-                "public key the tunnel was opened with"
-            )
-        return render_wg_quick(
-            private_key=engineer_private_key,
-            address=IPv4Interface(f"{tunnel.engineer_ip}/32"),
-            peer_public_key=self.public_key,
-            endpoint=endpoint,
-            allowed_ips=[host_network(tunnel.device_ip)],
-            mtu=self.mtu,
-            persistent_keepalive=ENGINEER_KEEPALIVE,
         )

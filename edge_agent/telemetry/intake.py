@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 from urllib.parse import unquote
 
-from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.telemetry.outbox import Outbox, OutboxError
 from provisioning.telemetry import SCHEMA, BatchRejected, Sample
 
 log = logging.getLogger(__name__)

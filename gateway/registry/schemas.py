@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.models import ApiToken, Device, ProvisioningToken, Role
-from gateway.tokens import token_state
+from gateway.registry.models import ApiToken, Device, ProvisioningToken, Role
+from gateway.registry.tokens import token_state
 from provisioning.wire import DeviceName, Tags
 
 

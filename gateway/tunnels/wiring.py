@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.hub import TunnelHub
-from gateway.tunnel.pool import PoolError
 from gateway.tunnels import reaper
 from gateway.tunnels.hooks import TunnelReplyHooks
 from gateway.tunnels.hub_runner import HubConflictError, HubRunner
+from gateway.tunnels.wireguard.hub import TunnelHub
+from gateway.tunnels.wireguard.pool import PoolError
 from provisioning.wg import WireGuardError
 
 #: The hub's key, pid file and log live here, in the gateway's data directory.
@@ -20,11 +20,9 @@ class TunnelSetupError(RuntimeError):
     """The tunnel hub cannot start as configured; the message says what to change."""
 
 
-def install_tunnels(runtime: GatewayRuntime, stack: contextlib.ExitStack) -> HubRunner | None:
-    """Register the tunnel reply hooks and the reaper; start the hub if this replica runs it.
-
-    Call before the reply listener and the singleton jobs start.
-    """
+def install(runtime: GatewayRuntime, stack: contextlib.ExitStack) -> HubRunner | None:
+    """Register the tunnel reply hooks and the reaper; start the hub if this replica runs it
+    (`stack` stops it). Call before the reply listener and the singleton jobs start."""
     settings = runtime.settings
     runner: HubRunner | None = None
     if settings.tunnel_hub:

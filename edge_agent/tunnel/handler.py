@@ -23,14 +23,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.runner import Agent, Handler, Progress
 from edge_agent.settings import AgentSettings
-from edge_agent.tunnel import (
+from edge_agent.tunnel.endpoint import (
     InvalidTunnelSession,
     TunnelEndpoint,
     TunnelEndpointError,
-    TunnelPolicy,
-    TunnelRefused,
     TunnelSession,
 )
+from edge_agent.tunnel.policy import TunnelPolicy, TunnelRefused
 from provisioning.jwt_rules import Command
 from provisioning.wg import WireGuardError
 

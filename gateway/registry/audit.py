@@ -7,7 +7,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from gateway.db import utcnow
-from gateway.models import AuditEvent
+from gateway.registry.models import AuditEvent
 
 
 def record(session: Session, actor: str, action: str, target: str = "", **detail: Any) -> None:

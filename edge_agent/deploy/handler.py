@@ -23,9 +23,10 @@ import httpx
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from edge_agent.deployer import DeployResult, FlowDeployer
+from edge_agent.deploy.deployer import FlowDeployer
+from edge_agent.deploy.modules import GatewayModuleSource
+from edge_agent.deploy.store import DeployResult
 from edge_agent.gateway_api import GatewayApi, GatewayApiError
-from edge_agent.gateway_modules import GatewayModuleSource
 from edge_agent.node_red import NodeRedClient
 from edge_agent.runner import Agent, Progress
 from edge_agent.settings import AgentSettings

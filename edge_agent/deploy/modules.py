@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from edge_agent.deployer import ModuleUnavailable, tarball_name
+from edge_agent.deploy.deployer import ModuleUnavailable, tarball_name
 from edge_agent.gateway_api import GatewayApi, GatewayApiError
 
 __all__ = ["GatewayModuleSource"]

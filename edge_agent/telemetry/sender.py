@@ -38,7 +38,7 @@ from typing import Final
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.telemetry.outbox import Outbox, OutboxError
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.db import utcnow
 from gateway.errors import Invalid, NotFound, Unauthorized
-from gateway.models import ApiToken, ProvisioningToken, Role
+from gateway.registry import audit
+from gateway.registry.models import ApiToken, ProvisioningToken, Role
 from provisioning.secrets import (
     API_TOKEN_PREFIX,
     PROVISIONING_TOKEN_PREFIX,
