@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from edge_agent.tunnel.endpoint import TunnelEndpoint, TunnelSession
+from edge_agent.tunnel.endpoint import TunnelEndpoint
 from edge_agent.tunnel.policy import TunnelPolicy
 from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub
+from provisioning.tunnel_command import TunnelOpenArgs
 from provisioning.wg import generate_keypair
 from tests.support.netns import NetLab, http_get, missing_requirements, ns_socket
 from tests.support.tunnel_lab import TunnelLab
@@ -85,9 +86,9 @@ class Bench:
         self.policy = TunnelPolicy(allowed=True, allowed_ports=frozenset({HTTP_PORT, SINK_PORT}))
         self.count = 0
 
-    def _session(self) -> TunnelSession:
+    def _session(self) -> TunnelOpenArgs:
         self.count += 1
-        return TunnelSession(
+        return TunnelOpenArgs(
             tunnel_id=f"bench-{self.count}",
             device_ip=self.pool.allocate(),
             engineer_ip=self.pool.allocate(),

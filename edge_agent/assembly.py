@@ -11,14 +11,14 @@ from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState
 from edge_agent.telemetry.component import TelemetryComponent
 from edge_agent.tunnel.handler import TunnelCommands
-from provisioning.deploy_command import DEPLOY_KIND
+from provisioning.states import CommandKind
 
 
 def build_agent(settings: AgentSettings) -> Agent:
     handlers: dict[str, Handler] = {}
     components: list[Component] = []
     deploy = DeployHandler.from_settings(settings, AgentState(settings.state_dir).load())
-    handlers[DEPLOY_KIND] = deploy
+    handlers[CommandKind.deploy] = deploy
     components.append(deploy)
     components.append(TelemetryComponent(settings))
     tunnels = TunnelCommands.from_settings(settings)

@@ -27,14 +27,17 @@ from edge_agent import __version__
 from edge_agent.command_inbox import CommandInbox
 from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState, Identity
+from provisioning.commands import CommandResult, PingResult
 from provisioning.jwt_rules import Command, TokenRejected
+from provisioning.states import CommandKind, CommandState
 from provisioning.wire import DeviceStatus, Reply, Topics
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
 
 Progress = Callable[[str, str | None], None]
-Handler = Callable[[Command, Progress], dict[str, Any]]
+Handler = Callable[[Command, Progress], CommandResult]
+"""Runs one command kind: reports progress, returns the result (`provisioning.commands`)."""
 
 
 class Component(Protocol):
@@ -73,7 +76,7 @@ class Agent:
             self.identity.enrollment.gateway_id,
             self.identity.device_id,
         )
-        self.handlers: dict[str, Handler] = {"ping": _ping, **(handlers or {})}
+        self.handlers: dict[str, Handler] = {CommandKind.ping: _ping, **(handlers or {})}
         self.components: list[Component] = list(components or [])
         self._work: queue.Queue[Command | None] = queue.Queue()
         self._stopped = threading.Event()
@@ -179,7 +182,10 @@ class Agent:
             command = self.inbox.verify(bytes(msg.payload))
         except TokenRejected as exc:
             log.warning("refused a command on %s: %s (%s)", msg.topic, exc, exc.reason)
-            self._reply(Reply(command_id="?", state="refused", detail=f"{exc.reason}: {exc}"))
+            refused = Reply(
+                command_id="?", state=CommandState.refused, detail=f"{exc.reason}: {exc}"
+            )
+            self._reply(refused)
             return
         self._work.put(command)  # never block paho's network thread
 
@@ -188,31 +194,30 @@ class Agent:
             seen = self.inbox.admit(command)
             if seen is not None:
                 log.info("command %s seen before; reporting its result again", command.id)
-                result = seen.result or {"state": "running"}
-                self._reply(
-                    Reply(
-                        command_id=command.id,
-                        state=str(result.get("state")),
-                        detail=result.get("detail"),
-                        data=result,
-                    )
-                )
+                self._report(command.id, seen.result or {"state": CommandState.running})
                 continue
-            result = self._execute(command)
+            result = self._execute(command).data()
             self.inbox.finish(command.id, result)
-            self._reply(
-                Reply(
-                    command_id=command.id,
-                    state=str(result["state"]),
-                    detail=result.get("detail"),
-                    data=result,
-                )
-            )
+            self._report(command.id, result)
 
-    def _execute(self, command: Command) -> dict[str, Any]:
+    def _report(self, command_id: str, result: dict[str, Any]) -> None:
+        """A command's result as its reply: its state and detail, and all of it as the data."""
+        detail = result.get("detail")
+        self._reply(
+            Reply(
+                command_id=command_id,
+                state=str(result.get("state")),
+                detail=detail if isinstance(detail, str) else None,
+                data=result,
+            )
+        )
+
+    def _execute(self, command: Command) -> CommandResult:
         handler = self.handlers.get(command.kind)
         if handler is None:
-            return {"state": "refused", "detail": f"unknown command {command.kind!r}"}
+            return CommandResult(
+                state=CommandState.refused, detail=f"unknown command {command.kind!r}"
+            )
 
         def progress(state: str, detail: str | None = None) -> None:
             self._reply(Reply(command_id=command.id, state=state, detail=detail))
@@ -221,7 +226,7 @@ class Agent:
             return handler(command, progress)
         except Exception as exc:
             log.exception("command %s (%s) failed", command.id, command.kind)
-            return {"state": "failed", "detail": str(exc)}
+            return CommandResult(state=CommandState.failed, detail=str(exc))
 
     def _reply(self, reply: Reply) -> None:
         reply.ts = time.time()
@@ -268,5 +273,7 @@ class Agent:
         self._stopped.set()
 
 
-def _ping(command: Command, _progress: Callable[[str, str | None], None]) -> dict[str, Any]:
-    return {"state": "succeeded", "detail": "pong", "echo": json.loads(json.dumps(command.args))}
+def _ping(command: Command, _progress: Progress) -> PingResult:
+    return PingResult(
+        state=CommandState.succeeded, detail="pong", echo=json.loads(json.dumps(command.args))
+    )

@@ -23,20 +23,8 @@ from edgefleet.output import (
     print_json,
     print_table,
 )
+from provisioning.states import DEPLOY_FAILURES, DeploymentState, DeviceDeployState
 
-DEVICE_STATES = (
-    "pending",
-    "sent",
-    "downloading",
-    "installing",
-    "applying",
-    "succeeded",
-    "failed",
-    "rolled_back",
-    "drift",
-    "cancelled",
-)
-FAILING_STATES = ("failed", "rolled_back", "drift")
 SHOWN_FAILURES = 10
 POLL_SECONDS = 0.5
 
@@ -175,7 +163,7 @@ def _register_deployments(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "deployments",
         help="flow deployments: their progress, and every device's state",
         description="A deployment sends one release to a set of devices in waves. Device states: "
-        + ", ".join(DEVICE_STATES)
+        + ", ".join(DeviceDeployState)
         + ".",
     )
     dsub = deployments.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -361,7 +349,7 @@ def _flows_push(args: argparse.Namespace) -> None:
 
 
 def _exit_for(final: dict[str, Any] | None) -> None:
-    if final is None or final["state"] == "succeeded":
+    if final is None or final["state"] == DeploymentState.succeeded:
         return
     raise CommandError(
         f"deployment {final['id']} {final['state']}"
@@ -373,7 +361,7 @@ def _exit_for(final: dict[str, Any] | None) -> None:
 
 
 def _counts_text(counts: dict[str, int]) -> str:
-    parts = [f"{state} {counts[state]}" for state in DEVICE_STATES if counts.get(state)]
+    parts = [f"{state} {counts[state]}" for state in DeviceDeployState if counts.get(state)]
     return "  ".join(parts) or "no devices"
 
 
@@ -385,7 +373,7 @@ def render(deployment: dict[str, Any], elapsed: float) -> list[str]:
         f"{elapsed:.1f}s",
         "  " + _counts_text(deployment["counts"]),
     ]
-    failing = [d for d in deployment.get("devices", []) if d["state"] in FAILING_STATES]
+    failing = [d for d in deployment.get("devices", []) if d["state"] in DEPLOY_FAILURES]
     if failing:
         lines.append("  failing:")
         for device in failing[:SHOWN_FAILURES]:
@@ -393,7 +381,7 @@ def render(deployment: dict[str, Any], elapsed: float) -> list[str]:
             lines.append(f"    {device['device_id']} ({device['name']}) {device['state']}: {error}")
         if len(failing) > SHOWN_FAILURES:
             lines.append(f"    ... and {len(failing) - SHOWN_FAILURES} more")
-    if deployment["state"] != "running" and deployment.get("reason"):
+    if deployment["state"] != DeploymentState.running and deployment.get("reason"):
         lines.append(f"  {deployment['reason']}")
     return lines
 
@@ -416,11 +404,11 @@ def follow(
                     out.write(f"\x1b[{drawn}F\x1b[J")
                 out.write("\n".join(lines) + "\n")
                 drawn = len(lines)
-            elif lines[1:] != last[1:] or deployment["state"] != "running":
+            elif lines[1:] != last[1:] or deployment["state"] != DeploymentState.running:
                 out.write("\n".join(lines) + "\n")
             last = lines
             out.flush()
-            if deployment["state"] != "running":
+            if deployment["state"] != DeploymentState.running:
                 return deployment
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
@@ -447,7 +435,7 @@ def _deployments_list(args: argparse.Namespace) -> None:
             d["target_text"],
             d["state"],
             f"{d['counts'].get('succeeded', 0)}/{d['device_count']}",
-            sum(d["counts"].get(s, 0) for s in FAILING_STATES),
+            sum(d["counts"].get(s, 0) for s in DEPLOY_FAILURES),
             ago(d["created_at"]),
         ]
         for d in items

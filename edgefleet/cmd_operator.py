@@ -18,6 +18,10 @@ from edgefleet.output import (
     print_table,
     until,
 )
+from provisioning.states import CommandState
+
+#: A ping is answered once the command is in one of these.
+ANSWERED = (CommandState.succeeded, CommandState.failed, CommandState.refused)
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -206,7 +210,7 @@ def _devices_ping(args: argparse.Namespace) -> None:
     timeout = parse_duration(args.timeout)
     started = time.monotonic()
     command = client.post(f"/devices/{args.device_id}/ping")
-    while command["state"] not in ("succeeded", "failed", "refused"):
+    while command["state"] not in ANSWERED:
         if time.monotonic() - started > timeout:
             if args.json:
                 print_json(command)
@@ -219,7 +223,7 @@ def _devices_ping(args: argparse.Namespace) -> None:
     elapsed = time.monotonic() - started
     if args.json:
         print_json(command | {"round_trip_seconds": round(elapsed, 3)})
-    elif command["state"] == "succeeded":
+    elif command["state"] == CommandState.succeeded:
         print(f"{args.device_id} answered in {elapsed * 1000:.0f} ms")
     else:
         raise CommandError(f"{args.device_id} answered {command['state']}: {command['detail']}")

@@ -15,6 +15,7 @@ from typing import Any
 from edgefleet.client import GatewayClient
 from edgefleet.cmd_operator import add_connection_options
 from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table, until
+from provisioning.states import TUNNEL_FINAL
 
 #: The gateway answers an open once the machine is up or after its open timeout (20 s by
 #: default); the HTTP read waits longer than any sane timeout.
@@ -165,7 +166,7 @@ def _open(args: argparse.Namespace) -> None:
 
 
 def _row(t: dict[str, Any]) -> list[Any]:
-    live = t["state"] not in ("closed", "expired", "failed")
+    live = t["state"] not in TUNNEL_FINAL
     return [
         t["id"],
         t["device_id"],

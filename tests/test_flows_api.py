@@ -35,8 +35,9 @@ from gateway.registry.models import AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
 from provisioning.bundles import Bundle
-from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
+from provisioning.deploy_command import DeployArgs
 from provisioning.jwt_rules import sign_device_token
+from provisioning.states import CommandKind
 from provisioning.wire import EnrollResponse, Reply
 from tests.conftest import api_token
 from tests.support.mosquitto import MqttProbe, device_endpoint
@@ -148,7 +149,7 @@ def device_record(deployment: dict[str, Any], device_id: str) -> dict[str, Any]:
 
 def deploy_commands(runtime: GatewayRuntime, device_id: str | None = None) -> list[CommandRecord]:
     with Session(runtime.engine) as session:
-        query = select(CommandRecord).where(CommandRecord.kind == DEPLOY_KIND)
+        query = select(CommandRecord).where(CommandRecord.kind == CommandKind.deploy)
         if device_id is not None:
             query = query.where(CommandRecord.device_id == device_id)
         return list(session.exec(query.order_by(col(CommandRecord.created_at))))

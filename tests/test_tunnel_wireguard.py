@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.tunnel.endpoint import InvalidTunnelSession, TunnelEndpoint, TunnelSession
+from edge_agent.tunnel.endpoint import TunnelEndpoint
 from edge_agent.tunnel.policy import TunnelPolicy, TunnelRefused
 from gateway.tunnels.wireguard.hub import (
     HubTunnel,
@@ -37,6 +37,8 @@ from gateway.tunnels.wireguard.pool import (
     PoolExhaustedError,
     choose_address,
 )
+from provisioning.commands import InvalidArgs
+from provisioning.tunnel_command import TunnelOpenArgs
 from provisioning.wg import (
     UAPI_DIR,
     WgCommandError,
@@ -181,7 +183,7 @@ def test_pool_is_pure_checked_and_quarantines() -> None:
         AddressPool(net, in_use=[IPv4Address("10.9.0.4")]).reserve("10.9.0.4")
 
 
-def _session(**over: object) -> TunnelSession:
+def _session(**over: object) -> TunnelOpenArgs:
     fields: dict[str, object] = {
         "tunnel_id": "t-policy",
         "device_ip": "10.213.0.2",
@@ -193,7 +195,7 @@ def _session(**over: object) -> TunnelSession:
         "expires_at": time.time() + 60,
     }
     fields.update(over)
-    return TunnelSession.from_mapping(fields)
+    return TunnelOpenArgs.parse(fields)
 
 
 def test_owner_policy_refuses_more_than_allowed() -> None:
@@ -210,11 +212,11 @@ def test_owner_policy_refuses_more_than_allowed() -> None:
     with pytest.raises(ValueError, match="unknown tunnel policy settings"):
         TunnelPolicy.from_mapping({"allowed": True, "ports": [22]})
     assert TunnelPolicy.from_mapping({"allowed": True, "allowed_ports": [22]}).allowed_ports == {22}
-    with pytest.raises(InvalidTunnelSession, match="must be HOST:PORT"):
+    with pytest.raises(InvalidArgs, match="must be HOST:PORT"):
         _session(hub_endpoint="198.18.0.1")
-    with pytest.raises(InvalidTunnelSession, match="lacks"):
-        TunnelSession.from_mapping({"tunnel_id": "x"})
-    with pytest.raises(InvalidTunnelSession, match="all differ"):
+    with pytest.raises(InvalidArgs, match="lacks"):
+        TunnelOpenArgs.parse({"tunnel_id": "x"})
+    with pytest.raises(InvalidArgs, match="all differ"):
         _session(engineer_ip="10.213.0.2")
 
 
@@ -289,7 +291,7 @@ def hub(lab: Lab, tmp_path: Path, stack: contextlib.ExitStack) -> TunnelHub:
 @dataclass
 class Opened:
     tunnel: HubTunnel
-    session: TunnelSession
+    session: TunnelOpenArgs
     endpoint: TunnelEndpoint
     eng_ns: str
     eng_iface: str
@@ -318,7 +320,7 @@ def open_tunnel(
     eng_link: Link = getattr(lab, engineer)
     device_ip, engineer_ip = pool.allocate(), pool.allocate()
     eng_keys = generate_keypair()
-    session = TunnelSession(
+    session = TunnelOpenArgs(
         tunnel_id=tunnel_id,
         device_ip=device_ip,
         engineer_ip=engineer_ip,

@@ -46,6 +46,7 @@ from edge_agent.node_red import (
     RevisionConflict,
 )
 from provisioning.bundles import Bundle, ModuleRef, canonical_json
+from provisioning.states import DeviceDeployState
 
 __all__ = [
     "DirectoryModuleSource",
@@ -60,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, str | None], None]
 """Called as progress(step, detail) with step "installing", "applying" or "verifying"."""
+#: The deployer's last step, checking Node-RED runs the new flows: on the wire it is part of
+#: `applying` (the deploy handler does not forward it).
+VERIFYING = "verifying"
 
 
 class ModuleUnavailable(Exception):
@@ -220,15 +224,17 @@ class _Run:
         try:
             rev_now, flows_now = self.client.get_flows()
         except NodeRedUnavailable as exc:
-            return self.result("failed", None, str(exc), retryable=True)
+            return self.result(DeviceDeployState.failed, None, str(exc), retryable=True)
         except NodeRedError as exc:
-            return self.result("failed", None, f"reading Node-RED's flows failed: {exc}")
+            return self.result(
+                DeviceDeployState.failed, None, f"reading Node-RED's flows failed: {exc}"
+            )
 
         state = self._reconcile(rev_now, flows_now)
         if rev_now != state.written_rev:
             if not self.force:
                 return self.result(
-                    "drift",
+                    DeviceDeployState.drift,
                     rev_now,
                     f"Node-RED's flows were changed on the machine (rev {rev_now}; the agent "
                     f"last deployed rev {state.written_rev}); nothing was changed. Deploy with "
@@ -249,11 +255,13 @@ class _Run:
         try:
             self._install_modules()
         except NodeRedUnavailable as exc:
-            return self.result("failed", rev_now, str(exc), retryable=True)
+            return self.result(DeviceDeployState.failed, rev_now, str(exc), retryable=True)
         except (NodeRedError, ModuleUnavailable, _InstallFailed) as exc:
-            return self.result("failed", rev_now, f"module install failed: {exc}")
+            return self.result(DeviceDeployState.failed, rev_now, f"module install failed: {exc}")
 
-        self.progress("applying", f"{len(self.bundle.flows)} nodes over rev {rev_now}")
+        self.progress(
+            DeviceDeployState.applying, f"{len(self.bundle.flows)} nodes over rev {rev_now}"
+        )
         pending = PendingWrite(
             deployment_id=self.deployment_id, flows_digest=_flows_digest(self.bundle.flows)
         )
@@ -263,7 +271,7 @@ class _Run:
         except RevisionConflict as exc:
             self.store.save(state)
             return self.result(
-                "drift",
+                DeviceDeployState.drift,
                 None,
                 f"{exc}; nothing was changed. Deploy with force to overwrite them",
             )
@@ -272,7 +280,7 @@ class _Run:
         state = state.model_copy(update={"written_rev": new_rev, "pending": None})
         self.store.save(state)
 
-        self.progress("verifying", new_rev)
+        self.progress(VERIFYING, new_rev)
         try:
             problem = self._verify(new_rev)
         except NodeRedError as exc:
@@ -286,7 +294,7 @@ class _Run:
             bundle_digest=self.digest,
         )
         self.store.save(state.model_copy(update={"good": good}))
-        return self.result("succeeded", new_rev)
+        return self.result(DeviceDeployState.succeeded, new_rev)
 
     def _reconcile(self, rev_now: str, flows_now: list[dict[str, Any]]) -> DeployerState:
         """Load our state; take a baseline on first use; recognise an interrupted own write."""
@@ -317,12 +325,14 @@ class _Run:
     def _install_modules(self) -> None:
         modules = self.bundle.modules
         if not modules:
-            self.progress("installing", "no modules needed")
+            self.progress(DeviceDeployState.installing, "no modules needed")
             return
         installed = self.client.list_modules()
         missing = [m for m in modules if installed.get(m.name) != m.version]
         if not missing:
-            self.progress("installing", f"{len(modules)} module(s) already installed")
+            self.progress(
+                DeviceDeployState.installing, f"{len(modules)} module(s) already installed"
+            )
             return
         if self.deployer.module_source is None:
             raise ModuleUnavailable(
@@ -330,7 +340,7 @@ class _Run:
                 "source configured"
             )
         for module in missing:
-            self.progress("installing", str(module))
+            self.progress(DeviceDeployState.installing, str(module))
             self._install(module, installed.get(module.name))
 
     def _install(self, module: ModuleRef, current: str | None) -> None:
@@ -394,10 +404,14 @@ class _Run:
         try:
             rev_after, _ = self.client.get_flows()
         except NodeRedError as exc:
-            return self.result("failed", None, f"{reason}; cannot read Node-RED's flows: {exc}")
+            return self.result(
+                DeviceDeployState.failed, None, f"{reason}; cannot read Node-RED's flows: {exc}"
+            )
         if rev_after == rev_before:
             self.store.save(state)  # clears the pending write
-            return self.result("failed", rev_before, f"{reason}; Node-RED's flows are unchanged")
+            return self.result(
+                DeviceDeployState.failed, rev_before, f"{reason}; Node-RED's flows are unchanged"
+            )
         return self._rollback(state, reason)
 
     def _rollback(self, state: DeployerState, reason: str) -> DeployResult:
@@ -412,12 +426,16 @@ class _Run:
             restored = self.client.deploy(state.good.flows, rev_now)
         except NodeRedError as exc:
             return self.result(
-                "failed", None, f"{reason}; restoring the previous flows failed: {exc}"
+                DeviceDeployState.failed,
+                None,
+                f"{reason}; restoring the previous flows failed: {exc}",
             )
         good = state.good.model_copy(update={"rev": restored})
         self.store.save(DeployerState(written_rev=restored, good=good))
         return self.result(
-            "rolled_back", restored, f"{reason}; restored the previous flows (rev {restored})"
+            DeviceDeployState.rolled_back,
+            restored,
+            f"{reason}; restored the previous flows (rev {restored})",
         )
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ValidationError
 
 from edge_agent.deploy.deployer import FlowDeployer
 from edge_agent.deploy.modules import GatewayModuleSource
@@ -32,8 +31,10 @@ from edge_agent.runner import Agent, Progress
 from edge_agent.settings import AgentSettings
 from edge_agent.state import Identity
 from provisioning.bundles import Bundle, InvalidBundle
-from provisioning.deploy_command import PROGRESS_STATES, DeployArgs
+from provisioning.commands import InvalidArgs
+from provisioning.deploy_command import DeployArgs, DeployCommandResult
 from provisioning.jwt_rules import Command
+from provisioning.states import DEPLOY_PROGRESS, CommandState
 
 __all__ = ["DeployHandler"]
 
@@ -43,7 +44,7 @@ DEPLOYER_DIR = "node-red-deployer"
 
 
 class _NotApplied(Exception):
-    def __init__(self, state: str, detail: str) -> None:
+    def __init__(self, state: CommandState, detail: str) -> None:
         super().__init__(detail)
         self.state = state
         self.detail = detail
@@ -67,28 +68,29 @@ class DeployHandler:
 
     # ---- the command ---------------------------------------------------------------------------
 
-    def __call__(self, command: Command, progress: Progress) -> dict[str, Any]:
+    def __call__(self, command: Command, progress: Progress) -> DeployCommandResult:
         try:
-            args = DeployArgs.model_validate(dict(command.args))
-        except ValidationError as exc:
-            return {"state": "failed", "detail": f"a malformed deploy command: {exc.errors()[0]}"}
+            args = DeployArgs.parse(command.args)
+        except InvalidArgs as exc:
+            detail = f"a malformed deploy command: {exc}"
+            return DeployCommandResult(state=CommandState.failed, detail=detail)
         stored = self._results.stored_result(args.deployment_id)
         if stored is not None:
             log.info("deployment %s ran here before: %s", args.deployment_id, stored.status)
             return self._report(stored, args)
         reporter = _Reporter(progress)
-        reporter("downloading", args.release)
+        reporter(CommandState.downloading, args.release)
         try:
             bundle = self._download(args)
         except _NotApplied as exc:
-            return {
-                "state": exc.state,
-                "detail": exc.detail,
-                "deployment_id": args.deployment_id,
-                "release": args.release,
-            }
+            return DeployCommandResult(
+                state=exc.state,
+                detail=exc.detail,
+                deployment_id=args.deployment_id,
+                release=args.release,
+            )
         if not bundle.modules:
-            reporter.skip("installing")
+            reporter.skip(CommandState.installing)
         with tempfile.TemporaryDirectory(prefix="modules-", dir=self._state_dir) as tmp:
             deployer = FlowDeployer(
                 self._node_red,
@@ -105,29 +107,32 @@ class DeployHandler:
             )
         except GatewayApiError as exc:
             if exc.status == 410:
-                raise _NotApplied("cancelled", f"not applied: {exc.detail}") from exc
+                raise _NotApplied(CommandState.cancelled, f"not applied: {exc.detail}") from exc
             raise _NotApplied(
-                "failed", f"the gateway refused the release {args.release}: {exc.detail}"
+                CommandState.failed,
+                f"the gateway refused the release {args.release}: {exc.detail}",
             ) from exc
         except httpx.HTTPError as exc:
             raise _NotApplied(
-                "failed", f"cannot download the release from the gateway: {exc}"
+                CommandState.failed, f"cannot download the release from the gateway: {exc}"
             ) from exc
         try:
             return Bundle.from_bytes(response.content, expected_digest=args.release)
         except InvalidBundle as exc:
-            raise _NotApplied("failed", f"the downloaded release is unusable: {exc}") from exc
+            raise _NotApplied(
+                CommandState.failed, f"the downloaded release is unusable: {exc}"
+            ) from exc
 
     @staticmethod
-    def _report(result: DeployResult, args: DeployArgs) -> dict[str, Any]:
-        return {
-            "state": result.status,
-            "detail": result.error or f"Node-RED runs rev {result.rev}",
-            "deployment_id": args.deployment_id,
-            "release": result.bundle_digest,
-            "rev": result.rev,
-            "retryable": result.retryable,
-        }
+    def _report(result: DeployResult, args: DeployArgs) -> DeployCommandResult:
+        return DeployCommandResult(
+            state=CommandState(result.status),
+            detail=result.error or f"Node-RED runs rev {result.rev}",
+            deployment_id=args.deployment_id,
+            release=result.bundle_digest,
+            rev=result.rev,
+            retryable=result.retryable,
+        )
 
     # ---- as a component ------------------------------------------------------------------------
 
@@ -152,7 +157,8 @@ class DeployHandler:
 
 
 class _Reporter:
-    """Forwards each step once, in the gateway's terms ('verifying' is part of 'applying')."""
+    """Forwards each of `DEPLOY_PROGRESS` once: the deployer's own 'verifying' step is part of
+    'applying' (see the progress contract in `provisioning.deploy_command`)."""
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
@@ -162,7 +168,7 @@ class _Reporter:
         self._seen.add(state)
 
     def __call__(self, step: str, detail: str | None) -> None:
-        state = step if step in PROGRESS_STATES else None
+        state = step if step in DEPLOY_PROGRESS else None
         if state is None or state in self._seen:
             return
         self._seen.add(state)

@@ -23,7 +23,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-DeployStatus = Literal["succeeded", "failed", "rolled_back", "drift"]
+from provisioning.states import DeviceDeployState
+
+DeployStatus = Literal[
+    DeviceDeployState.succeeded,
+    DeviceDeployState.failed,
+    DeviceDeployState.rolled_back,
+    DeviceDeployState.drift,
+]
+"""How a deployment ended on this machine (the deploy command's final state)."""
 
 _STATE_FILE = "node-red-state.json"
 _RESULTS_DIR = "results"

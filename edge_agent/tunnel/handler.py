@@ -1,16 +1,10 @@
 """Support tunnels on the machine: the `tunnel.open`, `tunnel.connect` and `tunnel.close` commands.
 
-The gateway opens a tunnel in two signed steps so its hub knows the device's key before the
-device dials (see `edge_agent.tunnel.endpoint`):
-
-* `tunnel.open` (args: a `TunnelSession`): the owner's policy is checked, a fresh key pair is made
-  and the interface comes up without a peer; the reply carries the session's public key;
-* `tunnel.connect` (args: `tunnel_id`): the device adds the hub as its only peer and dials out;
-* `tunnel.close` (args: `tunnel_id`, `reason`): everything of that session is removed.
-
-A request the owner's policy does not allow is answered `refused` with the reason, and nothing is
-brought up. A session that is prepared but never told to dial is removed after `connect_timeout`;
-an open one ends at its expiry on the device's own timer, with or without the gateway.
+The commands and their two-step open are described in `provisioning.tunnel_command`; the device's
+side of a session is `edge_agent.tunnel.endpoint`. A request the owner's policy does not allow is
+answered `refused` with the reason, and nothing is brought up. A session that is prepared but
+never told to dial is removed after `connect_timeout`; an open one ends at its expiry on the
+device's own timer, with or without the gateway.
 """
 
 from __future__ import annotations
@@ -23,14 +17,18 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.runner import Agent, Handler, Progress
 from edge_agent.settings import AgentSettings
-from edge_agent.tunnel.endpoint import (
-    InvalidTunnelSession,
-    TunnelEndpoint,
-    TunnelEndpointError,
-    TunnelSession,
-)
+from edge_agent.tunnel.endpoint import TunnelEndpoint, TunnelEndpointError
 from edge_agent.tunnel.policy import TunnelPolicy, TunnelRefused
+from provisioning.commands import CommandResult, InvalidArgs
 from provisioning.jwt_rules import Command
+from provisioning.states import CommandKind, CommandState
+from provisioning.tunnel_command import (
+    TunnelCloseArgs,
+    TunnelCloseResult,
+    TunnelOpenArgs,
+    TunnelOpenResult,
+    TunnelRef,
+)
 from provisioning.wg import WireGuardError
 
 log = logging.getLogger(__name__)
@@ -38,14 +36,12 @@ log = logging.getLogger(__name__)
 #: A prepared session the gateway never tells to dial is removed after this many seconds.
 CONNECT_TIMEOUT = 120.0
 
-OPEN_KIND = "tunnel.open"
-CONNECT_KIND = "tunnel.connect"
-CLOSE_KIND = "tunnel.close"
-
 
 def _tunnel_id(command: Command) -> str | None:
-    value = command.args.get("tunnel_id")
-    return value if isinstance(value, str) else None
+    try:
+        return TunnelRef.parse(command.args).tunnel_id
+    except InvalidArgs:
+        return None
 
 
 class TunnelCommands:
@@ -70,50 +66,63 @@ class TunnelCommands:
         return cls(endpoint)
 
     def handlers(self) -> dict[str, Handler]:
-        return {OPEN_KIND: self.open, CONNECT_KIND: self.connect, CLOSE_KIND: self.close}
+        return {
+            CommandKind.tunnel_open: self.open,
+            CommandKind.tunnel_connect: self.connect,
+            CommandKind.tunnel_close: self.close,
+        }
 
     # ---- commands -------------------------------------------------------------------------
-    def open(self, command: Command, _progress: Progress) -> dict[str, Any]:
+    def open(self, command: Command, _progress: Progress) -> TunnelOpenResult:
+        refused = CommandState.refused
         try:
-            session = TunnelSession.from_mapping(command.args)
-        except InvalidTunnelSession as exc:
-            return {"state": "refused", "detail": f"invalid tunnel request: {exc}"}
+            session = TunnelOpenArgs.parse(command.args)
+        except InvalidArgs as exc:
+            return TunnelOpenResult(state=refused, detail=f"invalid tunnel request: {exc}")
         try:
             public_key = self.endpoint.prepare(session)
         except TunnelRefused as exc:
             log.warning("tunnel %s refused by the owner's policy: %s", session.tunnel_id, exc)
-            return {"state": "refused", "detail": exc.reason, "tunnel_id": session.tunnel_id}
+            return TunnelOpenResult(state=refused, detail=exc.reason, tunnel_id=session.tunnel_id)
         except TunnelEndpointError as exc:
-            return {"state": "refused", "detail": str(exc), "tunnel_id": session.tunnel_id}
+            return TunnelOpenResult(state=refused, detail=str(exc), tunnel_id=session.tunnel_id)
         self._arm_connect_timer(session.tunnel_id)
-        return {
-            "state": "succeeded",
-            "detail": f"prepared on {self.endpoint.interface}; dialing on tunnel.connect",
-            "tunnel_id": session.tunnel_id,
-            "public_key": public_key,
-        }
+        return TunnelOpenResult(
+            state=CommandState.succeeded,
+            detail=f"prepared on {self.endpoint.interface}; dialing on tunnel.connect",
+            tunnel_id=session.tunnel_id,
+            public_key=public_key,
+        )
 
-    def connect(self, command: Command, _progress: Progress) -> dict[str, Any]:
+    def connect(self, command: Command, _progress: Progress) -> CommandResult:
         tunnel_id = _tunnel_id(command)
         session = self.endpoint.session
         if session is None or session.tunnel_id != tunnel_id:
-            return {
-                "state": "failed",
-                "detail": f"tunnel {tunnel_id} is not prepared here (expired or closed)",
-            }
+            return CommandResult(
+                state=CommandState.failed,
+                detail=f"tunnel {tunnel_id} is not prepared here (expired or closed)",
+            )
         self._cancel_connect_timer()
         self.endpoint.connect()
-        return {"state": "succeeded", "detail": f"dialing {session.hub_endpoint}"}
+        return CommandResult(state=CommandState.succeeded, detail=f"dialing {session.hub_endpoint}")
 
-    def close(self, command: Command, _progress: Progress) -> dict[str, Any]:
-        tunnel_id = _tunnel_id(command)
+    def close(self, command: Command, _progress: Progress) -> TunnelCloseResult:
+        try:
+            args: TunnelCloseArgs | None = TunnelCloseArgs.parse(command.args)
+        except InvalidArgs:
+            args = None
+        tunnel_id = args.tunnel_id if args else None
         session = self.endpoint.session
         if session is None or session.tunnel_id != tunnel_id:
-            return {"state": "succeeded", "detail": f"tunnel {tunnel_id} is not open here"}
+            return TunnelCloseResult(
+                state=CommandState.succeeded, detail=f"tunnel {tunnel_id} is not open here"
+            )
         self._cancel_connect_timer()
-        reason = command.args.get("reason")
-        self.endpoint.close(str(reason) if reason else "closed by the gateway")
-        return {"state": "succeeded", "detail": f"tunnel {tunnel_id} closed", "closed": True}
+        reason = args.reason if args else None
+        self.endpoint.close(reason or "closed by the gateway")
+        return TunnelCloseResult(
+            state=CommandState.succeeded, detail=f"tunnel {tunnel_id} closed", closed=True
+        )
 
     # ---- the prepared-but-never-dialed guard ----------------------------------------------
     def _arm_connect_timer(self, tunnel_id: str) -> None:

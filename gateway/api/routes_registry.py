@@ -24,6 +24,8 @@ from gateway.registry.schemas import (
     ProvisioningTokenCreated,
     ProvisioningTokenOut,
 )
+from provisioning.commands import PingArgs
+from provisioning.states import CommandKind
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
@@ -136,8 +138,8 @@ def ping_device(
         identity=runtime.identity,
         publisher=runtime.command_publisher(),
         device_id=device.id,
-        kind="ping",
-        args={},
+        kind=CommandKind.ping,
+        args=PingArgs(),
         lifetime=300,
         actor=who.actor,
     )

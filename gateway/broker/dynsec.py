@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -37,8 +36,16 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.broker.permissions import DEVICE_TOPIC_IN, DEVICE_TOPICS_OUT, device_topics
+from gateway.broker.permissions import device_topics
 from gateway.broker.pki import write_private_file
+from provisioning.wire import (
+    DEVICE_PUBLISHES,
+    DEVICE_RECEIVES,
+    Topics,
+    is_device_id,
+    validate_device_id,
+    validate_topic_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +57,6 @@ GATEWAY_USERNAME = "edgefleet_gateway"
 GATEWAY_ROLE = "edgefleet_gateway"
 DEVICE_ROLE_PREFIX = "device-"
 
-DEVICE_ID_RE = re.compile(r"[a-z0-9-]{3,64}")
-_PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 # Mosquitto's dynsec plugin hashes with PBKDF2-HMAC-SHA512 and reads back exactly 12 bytes of salt.
 _SALT_BYTES = 12
@@ -72,27 +77,6 @@ class BrokerError(RuntimeError):
 
 class DeviceExistsError(BrokerError):
     """The device already has a broker credential."""
-
-
-def validate_device_id(device_id: str) -> str:
-    """Return `device_id` if it is a safe topic segment (``[a-z0-9-]{3,64}``), else ValueError."""
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
-        raise ValueError(
-            f"invalid device id {device_id!r}: use 3 to 64 characters from a-z, 0-9 and '-' "
-            f"(it becomes an MQTT topic segment, username and client id)"
-        )
-    return device_id
-
-
-def validate_topic_prefix(prefix: str) -> str:
-    """Return `prefix` if it is a plain topic path (no wildcards, no ``$``), else ValueError."""
-    segments = prefix.split("/") if isinstance(prefix, str) else [""]
-    if not all(_PREFIX_SEGMENT_RE.fullmatch(segment) for segment in segments):
-        raise ValueError(
-            f"invalid topic prefix {prefix!r}: use one or more '/'-separated segments of "
-            f"letters, digits, '_', '.' and '-' (no wildcards, no '$'), e.g. 'fleet'"
-        )
-    return prefix
 
 
 def generate_password() -> str:
@@ -126,18 +110,18 @@ def gateway_acls(topic_prefix: str) -> list[dict[str, Any]]:
     messages are not sent to shared subscriptions); send commands; clear a revoked device's
     retained status.
     """
-    prefix = validate_topic_prefix(topic_prefix)
+    topics = Topics(validate_topic_prefix(topic_prefix))
     acls = [
         _acl("publishClientSend", CONTROL_TOPIC),
         _acl("subscribeLiteral", RESPONSE_TOPIC),
         _acl("publishClientReceive", RESPONSE_TOPIC),
     ]
-    for kind in DEVICE_TOPICS_OUT:
-        acls.append(_acl("subscribePattern", f"$share/+/{prefix}/+/{kind}"))
-        acls.append(_acl("publishClientReceive", f"{prefix}/+/{kind}"))
-    acls.append(_acl("subscribePattern", f"{prefix}/+/status"))
-    acls.append(_acl("publishClientSend", f"{prefix}/+/{DEVICE_TOPIC_IN}"))
-    acls.append(_acl("publishClientSend", f"{prefix}/+/status"))
+    for leaf in DEVICE_PUBLISHES:
+        acls.append(_acl("subscribePattern", topics.shared(leaf, group="+")))
+        acls.append(_acl("publishClientReceive", topics.all_of(leaf)))
+    acls.append(_acl("subscribePattern", topics.all_of("status")))
+    acls.append(_acl("publishClientSend", topics.all_of(DEVICE_RECEIVES)))
+    acls.append(_acl("publishClientSend", topics.all_of("status")))
     return acls
 
 
@@ -463,7 +447,7 @@ class DynsecAdmin:
             "deleteRole", allowed_errors=("Role not found",), rolename=device_role(device_id)
         )
         if clear_retained_status:
-            info = self._client.publish(f"{self._prefix}/{device_id}/status", b"", 1, True)
+            info = self._client.publish(Topics(self._prefix).status(device_id), b"", 1, True)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise BrokerError(
                     f"could not clear the retained status of {device_id!r}: "
@@ -478,6 +462,6 @@ class DynsecAdmin:
         for client in (data or {}).get("clients", []):
             username = client.get("username", "")
             roles = {role.get("rolename") for role in client.get("roles", [])}
-            if DEVICE_ID_RE.fullmatch(username) and DEVICE_ROLE_PREFIX + username in roles:
+            if is_device_id(username) and DEVICE_ROLE_PREFIX + username in roles:
                 devices.append(username)
         return sorted(devices)

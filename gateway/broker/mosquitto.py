@@ -36,6 +36,7 @@ from gateway.broker.pki import (
     ensure_server_certificate,
     write_private_file,
 )
+from provisioning.wire import validate_topic_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class MosquittoSupervisor:
         self._hostnames = list(hostnames)
         if bind not in _WILDCARD_BINDS:
             self._hostnames.append(bind)
-        self._prefix = dynsec.validate_topic_prefix(topic_prefix)
+        self._prefix = validate_topic_prefix(topic_prefix)
         self._binary = mosquitto_binary
         self._dir = broker_directory(self._data_dir)
         self._config_path = self._dir / "mosquitto.conf"

@@ -4,8 +4,9 @@ Every reply updates its command's row (`gateway.commands.models.CommandRecord`),
 receives it (replies arrive on a shared subscription). Nothing about a command lives only in one
 process's memory, so a replica that dies strands nothing.
 
-Features hook in by command kind: `ReplyHooks.register("deploy", fn)` runs `fn(session, command,
-reply)` in the same transaction that stores the reply, e.g. to move a deployment's device state.
+Features hook in by command kind: `ReplyHooks.register(CommandKind.deploy, fn)` runs
+`fn(session, command, reply)` in the same transaction that stores the reply, e.g. to move a
+deployment's device state.
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from sqlmodel import Session, col, select
 from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.commands.models import CommandRecord
 from gateway.db import is_deadlock, utcnow
+from provisioning.states import FINAL_COMMAND_STATES, CommandKind
 from provisioning.wire import Reply, Topics
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = frozenset(
-    {"succeeded", "failed", "rolled_back", "refused", "drift", "expired", "cancelled"}
-)
 ReplyHook = Callable[[Session, CommandRecord, Reply], None]
 
 
@@ -42,7 +41,7 @@ class ReplyHooks:
     def __init__(self) -> None:
         self._hooks: dict[str, list[ReplyHook]] = {}
 
-    def register(self, kind: str, hook: ReplyHook) -> None:
+    def register(self, kind: CommandKind, hook: ReplyHook) -> None:
         self._hooks.setdefault(kind, []).append(hook)
 
     def for_kind(self, kind: str) -> list[ReplyHook]:
@@ -59,7 +58,7 @@ def apply_reply(
     if record is None or record.device_id != device_id:
         log.warning("reply from %s about unknown command %s ignored", device_id, reply.command_id)
         return None
-    if record.state in FINAL_STATES:
+    if record.state in FINAL_COMMAND_STATES:
         # The result is in. A late progress message, or the agent re-reporting the result of a
         # command it got twice, changes nothing and must not run the hooks again.
         return record
@@ -89,7 +88,7 @@ def superseding(replies: list[tuple[str, Reply]]) -> list[tuple[str, Reply]]:
     for index, (device_id, reply) in enumerate(replies):
         key = (device_id, reply.command_id)
         kept = keep.get(key)
-        if kept is None or replies[kept][1].state not in FINAL_STATES:
+        if kept is None or replies[kept][1].state not in FINAL_COMMAND_STATES:
             keep[key] = index
     return [replies[index] for index in sorted(keep.values())]
 

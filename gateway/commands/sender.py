@@ -6,9 +6,9 @@ The row is the record of what a machine must receive; MQTT is the fast path. Rep
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -18,7 +18,9 @@ from gateway.commands.publisher import CommandPublisher
 from gateway.db import retry_deadlocks, utcnow
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
+from provisioning.commands import CommandArgs
 from provisioning.jwt_rules import sign_command
+from provisioning.states import CommandKind, CommandState
 
 
 def issue(
@@ -27,8 +29,8 @@ def issue(
     identity: GatewayIdentity,
     publisher: CommandPublisher,
     device_id: str,
-    kind: str,
-    args: Mapping[str, Any],
+    kind: CommandKind,
+    args: CommandArgs,
     lifetime: int,
     actor: str,
     ref: str | None = None,
@@ -66,8 +68,8 @@ def issue_many(
     identity: GatewayIdentity,
     publisher: CommandPublisher,
     device_ids: Sequence[str],
-    kind: str,
-    args: Mapping[str, Any],
+    kind: CommandKind,
+    args: CommandArgs,
     lifetime: int,
     actor: str,
     ref: str | None = None,
@@ -79,10 +81,11 @@ def issue_many(
     awaited together (a rollout's wave costs two commits and one broker round trip, not that
     many per device). Returns, per device, its command id and whether the broker confirmed it;
     confirmed commands are marked `sent`, the others stay `queued` (their reply or expiry
-    decides). Raises
-    `Unavailable` when the broker is not connected: the rows stay `queued`, nothing was sent.
+    decides). Raises `Unavailable` when the broker is not connected: the rows stay `queued`,
+    nothing was sent.
     """
     now = utcnow()
+    payload = args.model_dump(mode="json")
     records: list[CommandRecord] = []
     tokens: list[tuple[str, str]] = []
     for device_id in device_ids:
@@ -91,7 +94,7 @@ def issue_many(
             gateway_id=identity.gateway_id,
             device_id=device_id,
             kind=kind,
-            args=args,
+            args=payload,
             lifetime=lifetime,
         )
         records.append(
@@ -99,8 +102,8 @@ def issue_many(
                 id=command_id,
                 device_id=device_id,
                 kind=kind,
-                args=dict(args),
-                state="queued",
+                args=dict(payload),
+                state=CommandState.queued,
                 created_at=now,
                 updated_at=now,
                 expires_at=now + timedelta(seconds=lifetime),
@@ -120,8 +123,8 @@ def issue_many(
         def mark_sent() -> None:
             session.execute(
                 sa.update(table)
-                .where(table.c.id.in_(sent), table.c.state == "queued")
-                .values(state="sent", updated_at=utcnow())
+                .where(table.c.id.in_(sent), table.c.state == CommandState.queued)
+                .values(state=CommandState.sent, updated_at=utcnow())
             )
             session.commit()
 

@@ -41,12 +41,19 @@ from gateway.commands.publisher import CommandPublisher
 from gateway.commands.sender import Issued, issue_many
 from gateway.db import retry_deadlocks, utcnow
 from gateway.errors import Unavailable
-from gateway.flows.deployments import FAILURE_STATES, FINAL_STATES, IN_FLIGHT_STATES, RUNNING
 from gateway.flows.models import Deployment, DeploymentDevice, FlowRelease
 from gateway.flows.module_cache import modules_by_ref
 from gateway.identity import GatewayIdentity
 from gateway.registry import audit
-from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
+from provisioning.deploy_command import DeployArgs
+from provisioning.states import (
+    DEPLOY_FAILURES,
+    DEPLOY_FINAL,
+    DEPLOY_IN_FLIGHT,
+    CommandKind,
+    DeploymentState,
+    DeviceDeployState,
+)
 
 __all__ = ["RolloutScheduler", "TickReport"]
 
@@ -108,7 +115,7 @@ class RolloutScheduler:
                 running = list(
                     session.exec(
                         select(Deployment.id)
-                        .where(Deployment.state == RUNNING)
+                        .where(Deployment.state == DeploymentState.running)
                         .order_by(col(Deployment.created_at))
                     )
                 )
@@ -123,7 +130,7 @@ class RolloutScheduler:
         table = _table(DeploymentDevice)
         rows = session.execute(
             sa.select(table.c.deployment_id, table.c.device_id).where(
-                table.c.state == "sent",
+                table.c.state == DeviceDeployState.sent,
                 table.c.command_id.is_(None),
                 table.c.sent_at < now - UNSENT_GRACE,
             )
@@ -137,7 +144,7 @@ class RolloutScheduler:
             where = (
                 table.c.deployment_id == deployment_id,
                 table.c.device_id == device_id,
-                table.c.state == "sent",
+                table.c.state == DeviceDeployState.sent,
                 table.c.command_id.is_(None),
             )
             if record is not None:
@@ -149,7 +156,12 @@ class RolloutScheduler:
                 session.execute(
                     sa.update(table)
                     .where(*where)
-                    .values(state="pending", sent_at=None, deadline_at=None, updated_at=now)
+                    .values(
+                        state=DeviceDeployState.pending,
+                        sent_at=None,
+                        deadline_at=None,
+                        updated_at=now,
+                    )
                 )
         session.commit()
 
@@ -162,7 +174,7 @@ class RolloutScheduler:
                 table.c.state,
                 table.c.sent_at,
                 table.c.deadline_at,
-            ).where(table.c.state.in_(sorted(IN_FLIGHT_STATES)), table.c.deadline_at < now)
+            ).where(table.c.state.in_(sorted(DEPLOY_IN_FLIGHT)), table.c.deadline_at < now)
         ).all()
         for deployment_id, device_id, state, sent_at, deadline_at in late:
             waited = int((deadline_at - sent_at).total_seconds()) if sent_at else 0
@@ -174,7 +186,7 @@ class RolloutScheduler:
                     table.c.state == state,  # a result that arrived meanwhile wins
                 )
                 .values(
-                    state="failed",
+                    state=DeviceDeployState.failed,
                     error=f"timed out: no result {waited}s after the command was sent "
                     f"(last state: {state})",
                     finished_at=now,
@@ -189,7 +201,7 @@ class RolloutScheduler:
         self, session: Session, deployment_id: str, now: datetime, report: TickReport
     ) -> None:
         deployment = session.get(Deployment, deployment_id, populate_existing=True)
-        if deployment is None or deployment.state != RUNNING:
+        if deployment is None or deployment.state != DeploymentState.running:
             return
         table = _table(DeploymentDevice)
         per_wave: dict[int, dict[str, int]] = {}
@@ -203,17 +215,17 @@ class RolloutScheduler:
         for states in per_wave.values():
             for state, count in states.items():
                 totals[state] = totals.get(state, 0) + count
-        finished = sum(n for s, n in totals.items() if s in FINAL_STATES)
-        failures = sum(n for s, n in totals.items() if s in FAILURE_STATES)
+        finished = sum(n for s, n in totals.items() if s in DEPLOY_FINAL)
+        failures = sum(n for s, n in totals.items() if s in DEPLOY_FAILURES)
 
         if finished >= deployment.min_finished and failures * 100 > (
             deployment.max_failures_pct * finished
         ):
-            never_sent = totals.get("pending", 0)
+            never_sent = totals.get(DeviceDeployState.pending, 0)
             self._finish(
                 session,
                 deployment,
-                "aborted",
+                DeploymentState.aborted,
                 f"{failures} of {finished} finished devices did not succeed "
                 f"({failures * 100 / finished:.0f}%), more than the "
                 f"{deployment.max_failures_pct:g}% allowed; {never_sent} device(s) of later "
@@ -223,25 +235,27 @@ class RolloutScheduler:
             )
             return
 
-        pending_waves = sorted(w for w, states in per_wave.items() if states.get("pending"))
+        pending_waves = sorted(
+            w for w, states in per_wave.items() if states.get(DeviceDeployState.pending)
+        )
         if pending_waves:
             wave = pending_waves[0]
             earlier_done = all(
-                all(s in FINAL_STATES for s in states) for w, states in per_wave.items() if w < wave
+                all(s in DEPLOY_FINAL for s in states) for w, states in per_wave.items() if w < wave
             )
             if earlier_done:
                 self._send_wave(session, deployment, wave, now, report)
             return
 
         if finished == deployment.device_count:
-            if failures == 0 and totals.get("succeeded", 0) == finished:
-                self._finish(session, deployment, "succeeded", None, now, report)
+            if failures == 0 and totals.get(DeviceDeployState.succeeded, 0) == finished:
+                self._finish(session, deployment, DeploymentState.succeeded, None, now, report)
             else:
-                not_ok = finished - totals.get("succeeded", 0)
+                not_ok = finished - totals.get(DeviceDeployState.succeeded, 0)
                 self._finish(
                     session,
                     deployment,
-                    "partial",
+                    DeploymentState.partial,
                     f"{not_ok} of {finished} devices did not succeed (under the "
                     f"{deployment.max_failures_pct:g}% abort threshold)",
                     now,
@@ -252,7 +266,7 @@ class RolloutScheduler:
         self,
         session: Session,
         deployment: Deployment,
-        state: str,
+        state: DeploymentState,
         reason: str | None,
         now: datetime,
         report: TickReport,
@@ -260,7 +274,9 @@ class RolloutScheduler:
         table = _table(Deployment)
         result = session.execute(
             sa.update(table)
-            .where(table.c.id == deployment.id, table.c.state == RUNNING)  # a cancel wins
+            .where(
+                table.c.id == deployment.id, table.c.state == DeploymentState.running
+            )  # a cancel wins
             .values(state=state, reason=reason, finished_at=now, updated_at=now)
         )
         finished = bool(result.rowcount)  # type: ignore[attr-defined]
@@ -279,7 +295,7 @@ class RolloutScheduler:
             report.finished[deployment.id] = state
             log.info("deployment %s %s%s", deployment.id, state, f": {reason}" if reason else "")
 
-    def _args(self, session: Session, deployment: Deployment) -> dict[str, Any]:
+    def _args(self, session: Session, deployment: Deployment) -> DeployArgs:
         release = session.get(FlowRelease, deployment.release_digest)
         assert release is not None
         cached = modules_by_ref(session, release.modules)
@@ -289,7 +305,7 @@ class RolloutScheduler:
             force=deployment.force,
             modules={ref: module.sha256 for ref, module in cached.items()},
         )
-        return args.model_dump()
+        return args
 
     def _send_wave(
         self,
@@ -307,7 +323,7 @@ class RolloutScheduler:
         table = _table(DeploymentDevice)
         deployments = _table(Deployment)
         still_running = sa.exists().where(
-            deployments.c.id == deployment.id, deployments.c.state == RUNNING
+            deployments.c.id == deployment.id, deployments.c.state == DeploymentState.running
         )
         deadline = now + timedelta(seconds=deployment.timeout_seconds)
         claimed = session.execute(
@@ -315,10 +331,10 @@ class RolloutScheduler:
             .where(
                 table.c.deployment_id == deployment.id,
                 table.c.wave == wave,
-                table.c.state == "pending",
+                table.c.state == DeviceDeployState.pending,
                 still_running,
             )
-            .values(state="sent", sent_at=now, deadline_at=deadline, updated_at=now)
+            .values(state=DeviceDeployState.sent, sent_at=now, deadline_at=deadline, updated_at=now)
             .returning(table.c.device_id, table.c.position)
         ).all()
         session.commit()
@@ -341,7 +357,7 @@ class RolloutScheduler:
                     identity=self._identity,
                     publisher=publisher,
                     device_ids=chunk,
-                    kind=DEPLOY_KIND,
+                    kind=CommandKind.deploy,
                     args=args,
                     lifetime=deployment.timeout_seconds,
                     actor=deployment.created_by,
@@ -407,9 +423,14 @@ class RolloutScheduler:
             .where(
                 table.c.deployment_id == deployment_id,
                 table.c.device_id.in_(unsent),
-                table.c.state == "sent",
+                table.c.state == DeviceDeployState.sent,
             )
-            .values(state="pending", sent_at=None, deadline_at=None, updated_at=now)
+            .values(
+                state=DeviceDeployState.pending,
+                sent_at=None,
+                deadline_at=None,
+                updated_at=now,
+            )
         )
         session.commit()
         log.warning(

@@ -38,12 +38,15 @@ from gateway.tunnels import states
 from gateway.tunnels.lifecycle import begin_close, finalize, send_device_closes, transition
 from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
+from gateway.tunnels.states import TunnelFailure
 from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub, UnknownTunnelError
+from provisioning.states import CommandKind, TunnelState
+from provisioning.tunnel_command import TunnelRef
 from provisioning.wg import PeerStats, WireGuardError
 
 log = logging.getLogger(__name__)
 
-_WORK = (states.PREPARED, states.DIALING, states.OPEN, states.CLOSING)
+_WORK = (TunnelState.prepared, TunnelState.dialing, TunnelState.open, TunnelState.closing)
 
 
 class HubConflictError(RuntimeError):
@@ -183,10 +186,10 @@ class HubRunner:
         by_state: dict[str, list[TunnelRecord]] = {state: [] for state in _WORK}
         for row in rows:
             by_state[row.state].append(row)
-        for row in by_state[states.PREPARED]:
+        for row in by_state[TunnelState.prepared]:
             self._add(row)
-        closed = sum(self._remove(row) for row in by_state[states.CLOSING])
-        self._watch(by_state[states.DIALING], by_state[states.OPEN])
+        closed = sum(self._remove(row) for row in by_state[TunnelState.closing])
+        self._watch(by_state[TunnelState.dialing], by_state[TunnelState.open])
         known = {row.id for row in rows}
         for stray in set(self.hub.tunnels) - known:
             log.warning("tunnel %s is on the hub but not live in the database; removing", stray)
@@ -198,7 +201,7 @@ class HubRunner:
         if closed:
             with Session(self.runtime.engine, expire_on_commit=False) as session:
                 send_device_closes(session, self.runtime, utcnow())
-        return bool(by_state[states.PREPARED] or by_state[states.DIALING] or closed)
+        return bool(by_state[TunnelState.prepared] or by_state[TunnelState.dialing] or closed)
 
     def _heartbeat(self) -> None:
         with Session(self.runtime.engine) as session:
@@ -216,12 +219,12 @@ class HubRunner:
             begin_close(
                 session,
                 row,
-                final_state=states.FAILED,
+                final_state=TunnelState.failed,
                 reason=reason,
                 actor="gateway",
                 now=utcnow(),
                 failure=failure,
-                from_states=(states.DIALING,),
+                from_states=(TunnelState.dialing,),
             )
             session.commit()
 
@@ -230,8 +233,8 @@ class HubRunner:
             claimed = transition(
                 session,
                 row.id,
-                (states.PREPARED,),
-                state=states.DIALING,
+                (TunnelState.prepared,),
+                state=TunnelState.dialing,
                 hub_added_at=utcnow(),
             )
             session.commit()
@@ -241,7 +244,7 @@ class HubRunner:
             self.hub.add_tunnel(hub_tunnel(row))
         except (ValueError, WireGuardError) as exc:
             log.error("tunnel %s: the hub could not add it: %s", row.id, exc)
-            self._fail(row, states.HUB_FAILED, f"the hub could not add the tunnel: {exc}")
+            self._fail(row, TunnelFailure.hub_failed, f"the hub could not add the tunnel: {exc}")
             return
         lifetime = max(30, int((row.open_deadline - utcnow()).total_seconds()) + 1)
         try:
@@ -251,14 +254,16 @@ class HubRunner:
                     identity=self.runtime.identity,
                     publisher=self.runtime.command_publisher(),
                     device_id=row.device_id,
-                    kind="tunnel.connect",
-                    args={"tunnel_id": row.id},
+                    kind=CommandKind.tunnel_connect,
+                    args=TunnelRef(tunnel_id=row.id),
                     lifetime=lifetime,
                     actor=row.actor,
                     ref=row.id,
                 )
         except Unavailable as exc:
-            self._fail(row, states.BROKER_UNAVAILABLE, f"tunnel.connect not sent: {exc.detail}")
+            self._fail(
+                row, TunnelFailure.broker_unavailable, f"tunnel.connect not sent: {exc.detail}"
+            )
 
     def _remove(self, row: TunnelRecord) -> bool:
         try:
@@ -272,11 +277,11 @@ class HubRunner:
             done = finalize(
                 session,
                 row,
-                final_state=row.close_state or states.CLOSED,
+                final_state=TunnelState(row.close_state or TunnelState.closed),
                 reason=row.close_reason or "closed",
                 actor=row.closed_by or "gateway",
                 now=utcnow(),
-                from_states=(states.CLOSING,),
+                from_states=(TunnelState.closing,),
                 failure=row.failure,
                 stats=stats,
             )
@@ -313,7 +318,7 @@ class HubRunner:
                 if peer.tx_bytes != row.bytes_to_device:
                     values["bytes_to_device"] = peer.tx_bytes
                 if values:
-                    transition(session, row.id, (states.OPEN,), **values)
+                    transition(session, row.id, (TunnelState.open,), **values)
             session.commit()
 
     def _mark_open(self, row: TunnelRecord, peer: PeerStats) -> None:
@@ -322,8 +327,8 @@ class HubRunner:
             if not transition(
                 session,
                 row.id,
-                (states.DIALING,),
-                state=states.OPEN,
+                (TunnelState.dialing,),
+                state=TunnelState.open,
                 opened_at=now,
                 device_handshake_at=_at(peer.last_handshake),
                 device_endpoint=peer.endpoint,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
+from provisioning.tunnel_command import TUNNEL_ID_PATTERN
 from provisioning.wg import check_interface_name, nft_apply, nft_delete_table, nft_list_table
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,12 @@ FORWARD_CHAIN = "hub_forward"
 INPUT_CHAIN = "hub_input"
 CHAIN_PREFIX = "tun_"
 _COMMENT_RE = re.compile(r"^edgefleet tunnel (?P<id>\S+) fp=(?P<fp>[0-9a-f]+)$")
-TUNNEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TUNNEL_ID_RE = re.compile(TUNNEL_ID_PATTERN)
 
 
 def check_tunnel_id(tunnel_id: str) -> str:
     """Tunnel ids name nftables chains: 1-64 letters, digits, '_' or '-' (a UUID fits)."""
-    if not isinstance(tunnel_id, str) or not TUNNEL_ID_RE.match(tunnel_id):
+    if not isinstance(tunnel_id, str) or not TUNNEL_ID_RE.fullmatch(tunnel_id):
         raise ValueError(
             f"tunnel id {tunnel_id!r} is not valid: use 1 to 64 letters, digits, '_' or '-'"
         )
