@@ -52,7 +52,6 @@ from sqlmodel import Session
 
 from gateway.broker.dynsec import DynsecAdmin, generate_password
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.db import make_engine, migrate
 from gateway.registry.models import Device
 from gateway.settings import GatewaySettings
@@ -60,6 +59,7 @@ from gateway.telemetry.ingest import IngestOptions, TelemetryIngest
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.models import batches
 from gateway.telemetry.store import WriteResult
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import Topics
 
 DEVICES = 8

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +17,6 @@ from typing import Any, Protocol
 
 import httpx
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
@@ -29,6 +25,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState, Identity
 from provisioning.commands import CommandResult, PingResult
 from provisioning.jwt_rules import Command, TokenRejected
+from provisioning.mqtt import MqttEndpoint, make_client, start_client, stop_client
 from provisioning.states import CommandKind, CommandState
 from provisioning.wire import DeviceStatus, Reply, Topics
 
@@ -82,42 +79,38 @@ class Agent:
         self._stopped = threading.Event()
         self.connected = threading.Event()
         self._node_red_version_seen: str | None = None
+        broker = self.identity.enrollment.broker
+        self.endpoint = MqttEndpoint(
+            host=self.identity.broker_host,
+            port=broker.port,
+            tls=broker.tls,
+            username=broker.username,
+            password=broker.password,
+            ca_file=self.identity.ca_path,
+        )
         self.client = self._make_client()
 
     # ---- connection ---------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         ident = self.identity
         broker = ident.enrollment.broker
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=broker.client_id,
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=True,
+        client = make_client(
+            self.endpoint,
+            broker.client_id,
+            name="agent",
+            on_connected=self._on_connect,
+            max_reconnect_delay=self.settings.max_reconnect_delay,
         )
-        client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            context = ssl.create_default_context(
-                cafile=str(ident.ca_path) if ident.ca_path else None
-            )
-            client.tls_set_context(context)
         offline = DeviceStatus(state="offline", agent_version=__version__)
         client.will_set(
             self.topics.status(ident.device_id), offline.model_dump_json(), qos=1, retain=True
         )
-        client.reconnect_delay_set(1, self.settings.max_reconnect_delay)
-        client.suppress_exceptions = True
-        client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         return client
 
-    def _on_connect(
-        self, client: mqtt.Client, _u: Any, flags: Any, reason_code: ReasonCode, _p: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("the broker refused the connection: %s", reason_code)
-            return
+    def _on_connect(self, client: mqtt.Client, flags: mqtt.ConnectFlags) -> None:
         log.info("connected to the broker (session present: %s)", flags.session_present)
         client.subscribe(self.topics.cmd(self.identity.device_id), qos=1)
         self.publish_status()
@@ -242,16 +235,13 @@ class Agent:
         for component in self.components:
             component.start(self)
         threading.Thread(target=self._watch_node_red, name="node-red-probe", daemon=True).start()
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-        self.client.connect_async(
-            self.identity.broker_host,
-            self.identity.enrollment.broker.port,
+        start_client(
+            self.client,
+            self.endpoint,
             keepalive=self.settings.keepalive,
             clean_start=False,
-            properties=props,
+            session_expiry=SESSION_EXPIRY_SECONDS,
         )
-        self.client.loop_start()
         log.info(
             "agent %s running; broker %s:%d",
             self.identity.device_id,
@@ -263,8 +253,7 @@ class Agent:
             component.stop()
         if self.connected.is_set():
             self.publish_status("offline").wait_for_publish(timeout=5)
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_client(self.client)
         self._work.put(None)
         worker.join(timeout=10)
         self.inbox.close()

@@ -200,27 +200,19 @@ def _run(args: argparse.Namespace) -> None:
             "tunnel_max_ttl",
         ),
     )
-    from gateway.broker.dynsec import BrokerError
-    from gateway.broker.mosquitto import PortInUseError
-    from gateway.db import DatabaseUnavailable
-    from gateway.server import StartupError, run_gateway
-    from gateway.tunnels.wiring import TunnelSetupError
+    from gateway.errors import StartupError
+    from gateway.server import run_gateway
 
     try:
         run_gateway(settings)
-    except (
-        StartupError,
-        PortInUseError,
-        DatabaseUnavailable,
-        BrokerError,
-        TunnelSetupError,
-    ) as exc:
+    except StartupError as exc:
         raise CommandError(str(exc), 2) from exc
 
 
 def _create_token(args: argparse.Namespace) -> None:
     settings = _settings(args, ("data_dir", "db_url"))
-    from gateway.db import DatabaseUnavailable, make_engine, migrate, session_scope
+    from gateway.db import make_engine, migrate, session_scope
+    from gateway.errors import DatabaseUnavailable
     from gateway.registry.models import Role
     from gateway.registry.tokens import create_api_token
 

@@ -15,15 +15,13 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 from sqlmodel import Column, Field, Session, create_engine
 
+from gateway.errors import DatabaseUnavailable
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same for every replica (PostgreSQL advisory lock).
 MIGRATION_LOCK_KEY = 0x6564_6765_6D69
-
-
-class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached; the message names the URL (without password)."""
 
 
 def utcnow() -> datetime:

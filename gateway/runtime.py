@@ -8,13 +8,13 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.commands.publisher import CommandPublisher
 from gateway.commands.replies import ReplyHooks
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
 from gateway.leader import SingletonJobs
 from gateway.settings import GatewaySettings
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import Topics
 
 

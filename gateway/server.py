@@ -22,26 +22,24 @@ from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.emqx import EmqxApi, EmqxBrokerAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
+from gateway.broker.mqtt_url import parse_mqtt_url
 from gateway.commands.publisher import CommandPublisher
 from gateway.commands.replies import ReplyListener
 from gateway.db import make_engine, migrate
+from gateway.errors import StartupError
 from gateway.flows import wiring as flows
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
 from gateway.registry import devices
+from gateway.registry.status_listener import StatusListener
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
-from gateway.status_listener import StatusListener
 from gateway.telemetry import wiring as telemetry
 from gateway.tunnels import wiring as tunnels
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    """The gateway cannot start; the message says why and which flag changes it."""
 
 
 @contextlib.contextmanager

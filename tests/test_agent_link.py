@@ -26,8 +26,8 @@ from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.commands.publisher import CommandPublisher
 from gateway.commands.replies import ReplyListener
 from gateway.registry.models import Device
+from gateway.registry.status_listener import StatusListener
 from gateway.runtime import GatewayRuntime
-from gateway.status_listener import StatusListener
 from provisioning import keys
 from provisioning.jwt_rules import sign_command
 from provisioning.wire import EnrollResponse, Reply

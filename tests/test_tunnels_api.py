@@ -27,6 +27,7 @@ from gateway.commands.models import CommandRecord
 from gateway.commands.publisher import CommandPublisher
 from gateway.commands.replies import apply_reply
 from gateway.db import utcnow
+from gateway.errors import TunnelSetupError
 from gateway.registry.models import AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
@@ -35,7 +36,6 @@ from gateway.tunnels.hooks import TunnelReplyHooks
 from gateway.tunnels.models import HubRecord, TunnelAddress, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
 from gateway.tunnels.states import TunnelFailure
-from gateway.tunnels.wiring import TunnelSetupError
 from gateway.tunnels.wiring import install as install_tunnels
 from provisioning import keys
 from provisioning.states import TunnelState

@@ -31,13 +31,19 @@ from types import TracebackType
 from typing import Any, Self
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.permissions import device_topics
 from gateway.broker.pki import write_private_file
+from gateway.errors import BrokerError, BrokerRefused, BrokerUnavailable, DeviceExistsError
+from provisioning.mqtt import (
+    MqttEndpoint,
+    make_client,
+    start_client,
+    stop_client,
+    unique_client_id,
+)
 from provisioning.wire import (
     DEVICE_PUBLISHES,
     DEVICE_RECEIVES,
@@ -69,14 +75,6 @@ DEFAULT_ACL_ACCESS = {
     "subscribe": False,
     "unsubscribe": True,
 }
-
-
-class BrokerError(RuntimeError):
-    """The broker refused a dynamic-security command or could not be reached in time."""
-
-
-class DeviceExistsError(BrokerError):
-    """The device already has a broker credential."""
 
 
 def generate_password() -> str:
@@ -221,16 +219,14 @@ class DynsecAdmin:
         self._ready = threading.Event()
         self._fatal: str | None = None
         self._started = False
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edgefleet-dynsec-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=True,
+        self._client = make_client(
+            endpoint,
+            client_id or unique_client_id("dynsec"),
+            name="dynsec admin",
+            on_connected=self._subscribe,
+            on_refused=self._refused,
+            max_reconnect_delay=4,
         )
-        endpoint.configure(self._client)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=4)
-        self._client.suppress_exceptions = True
-        self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -244,8 +240,7 @@ class DynsecAdmin:
                 return
             self._started = True
             self._fatal = None
-        self._client.connect_async(self._endpoint.host, self._endpoint.port, keepalive=30)
-        self._client.loop_start()
+        start_client(self._client, self._endpoint, keepalive=30)
         deadline = time.monotonic() + self._timeout
         while not self._ready.wait(0.05):
             if self._fatal is not None or time.monotonic() >= deadline:
@@ -253,7 +248,8 @@ class DynsecAdmin:
                     f"no connection within {self._timeout:.1f}s (is the broker running?)"
                 )
                 self.close()
-                raise BrokerError(
+                failure = BrokerRefused if self._fatal is not None else BrokerUnavailable
+                raise failure(
                     f"cannot connect to the broker at {self._endpoint.url} as "
                     f"{self._endpoint.username!r} for dynamic-security: {reason}"
                 )
@@ -268,8 +264,7 @@ class DynsecAdmin:
         for waiter in pending:
             waiter.error = "the dynamic-security admin connection was closed"
             waiter.done.set()
-        self._client.disconnect()
-        self._client.loop_stop()
+        stop_client(self._client)
 
     def __enter__(self) -> Self:
         self.connect()
@@ -289,18 +284,10 @@ class DynsecAdmin:
 
     # paho callbacks (network thread: never block here)
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason_code.is_failure:
-            self._fatal = f"the broker refused the connection ({reason_code})"
-            logger.warning("dynsec admin: %s", self._fatal)
-            return
+    def _refused(self, reason_code: ReasonCode) -> None:
+        self._fatal = f"the broker refused the connection ({reason_code})"
+
+    def _subscribe(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
         self._fatal = None
         client.subscribe(RESPONSE_TOPIC, qos=1)
 
@@ -357,12 +344,12 @@ class DynsecAdmin:
         waiter = _Pending()
         with self._lock:
             if not self._started:
-                raise BrokerError("DynsecAdmin is not connected; call connect() first")
+                raise BrokerUnavailable("DynsecAdmin is not connected; call connect() first")
             self._pending[correlation] = waiter
         deadline = time.monotonic() + self._timeout
         try:
             if not self._ready.wait(self._timeout):
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"dynamic-security {command}: not connected to the broker at "
                     f"{self._endpoint.url} for {self._timeout:.1f}s"
                     + (f" ({self._fatal})" if self._fatal else "; is it running?")
@@ -372,11 +359,11 @@ class DynsecAdmin:
             )
             info = self._client.publish(CONTROL_TOPIC, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"dynamic-security {command}: publishing failed ({mqtt.error_string(info.rc)})"
                 )
             if not waiter.done.wait(max(0.0, deadline - time.monotonic())):
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"dynamic-security {command}: no answer from the broker at "
                     f"{self._endpoint.url} within {self._timeout:.1f}s; the command may or may "
                     f"not have been applied"
@@ -385,7 +372,7 @@ class DynsecAdmin:
             with self._lock:
                 self._pending.pop(correlation, None)
         if waiter.error is not None:
-            raise BrokerError(f"dynamic-security {command}: {waiter.error}")
+            raise BrokerUnavailable(f"dynamic-security {command}: {waiter.error}")
         assert waiter.response is not None
         return waiter.response
 
@@ -393,7 +380,7 @@ class DynsecAdmin:
         response = self._command(command, **arguments)
         error = response.get("error")
         if error and error not in allowed_errors:
-            raise BrokerError(f"dynamic-security {command} was refused: {error}")
+            raise BrokerRefused(f"dynamic-security {command} was refused: {error}")
         return response.get("data")
 
     def add_device(self, device_id: str, password: str) -> None:
@@ -431,7 +418,7 @@ class DynsecAdmin:
         if error == "Client already exists":
             raise DeviceExistsError(f"device {device_id!r} already has a broker credential")
         if error:
-            raise BrokerError(f"dynamic-security createClient for {device_id!r} failed: {error}")
+            raise BrokerRefused(f"dynamic-security createClient for {device_id!r} failed: {error}")
         logger.info("broker credential created for device %s", device_id)
 
     def remove_device(self, device_id: str, clear_retained_status: bool = True) -> None:
@@ -449,7 +436,7 @@ class DynsecAdmin:
         if clear_retained_status:
             info = self._client.publish(Topics(self._prefix).status(device_id), b"", 1, True)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"could not clear the retained status of {device_id!r}: "
                     f"{mqtt.error_string(info.rc)}"
                 )

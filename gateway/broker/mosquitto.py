@@ -29,13 +29,14 @@ from types import TracebackType
 from typing import IO, Self
 
 from gateway.broker import dynsec
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import (
     CertificateAuthority,
     ensure_ca,
     ensure_server_certificate,
     write_private_file,
 )
+from gateway.errors import PortInUseError
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import validate_topic_prefix
 
 logger = logging.getLogger(__name__)
@@ -68,17 +69,6 @@ _WILDCARD_BINDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 _LOG_TAIL_LINES = 40
 # Mosquitto says this whenever it runs as root; the gateway chose that (see `user` in the config).
 _EXPECTED_WARNING = "should not be run as root/administrator."
-
-
-class PortInUseError(RuntimeError):
-    """The broker's port is taken; the message names the port and the flag to change it."""
-
-    def __init__(self, port: int, bind: str, flag: str = "--mqtt-port") -> None:
-        super().__init__(
-            f"port {port} is already in use (on {bind or '0.0.0.0'}); "
-            f"choose another with {flag}, or stop what is listening there"
-        )
-        self.port = port
 
 
 def broker_directory(data_dir: Path) -> Path:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.errors import Unavailable
+from provisioning.mqtt import MqttEndpoint, make_client, start_client, stop_client, unique_client_id
 from provisioning.wire import Topics
-
-log = logging.getLogger(__name__)
 
 
 class CommandPublisher:
@@ -28,33 +22,21 @@ class CommandPublisher:
         self._timeout = timeout
         self._endpoint = endpoint
         self._connected = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-cmd-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv5,
+        self._client = make_client(
+            endpoint,
+            unique_client_id("cmd"),
+            name="command publisher",
+            on_connected=lambda _client, _flags: self._connected.set(),
+            max_reconnect_delay=5,
         )
-        endpoint.configure(self._client)
-        self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(1, 5)
-        self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
 
     def start(self) -> None:
-        self._client.connect_async(self._endpoint.host, self._endpoint.port)
-        self._client.loop_start()
+        start_client(self._client, self._endpoint)
         self._connected.wait(self._timeout)
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def _on_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("command publisher refused by the broker: %s", reason_code)
-        else:
-            self._connected.set()
+        stop_client(self._client)
 
     def _on_disconnect(self, *_args: Any) -> None:
         self._connected.clear()

@@ -12,23 +12,26 @@ deployment's device state.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.commands.models import CommandRecord
 from gateway.db import is_deadlock, utcnow
+from provisioning.mqtt import (
+    MqttEndpoint,
+    QueueWorker,
+    make_client,
+    start_client,
+    stop_client,
+    unique_client_id,
+)
 from provisioning.states import FINAL_COMMAND_STATES, CommandKind
 from provisioning.wire import Reply, Topics
 
@@ -96,14 +99,14 @@ def superseding(replies: list[tuple[str, Reply]]) -> list[tuple[str, Reply]]:
 class ReplyListener:
     """Reads ``$share/gateway/{prefix}/+/reply`` and stores the replies off the network thread.
 
-    The writer thread takes every reply queued meanwhile (up to `MAX_GROUP`) and stores them in
-    one transaction: a rollout to a thousand machines brings thousands of progress replies within
-    seconds, and a transaction each (a commit, on PostgreSQL a flush to disk) made this single
-    writer the bottleneck of a push (measured in bench/flow_push_bench.py). Of the replies about
-    one command in one group only the one that decides the outcome is stored (`superseding`).
-    If the group's transaction fails because
-    of one bad reply, the replies are stored one by one so the others still get in; if the
-    database is unreachable, the group is kept and tried again with backoff, nothing dropped.
+    The writer (`provisioning.mqtt.QueueWorker`) takes every reply queued meanwhile (up to
+    `MAX_GROUP`) and stores them in one transaction: a rollout to a thousand machines brings
+    thousands of progress replies within seconds, and one transaction each would make this single
+    writer the bottleneck of a push (bench/flow_push_bench.py measures it). Of the replies about
+    one command in one group only the one that decides the outcome is stored (`superseding`). If
+    the group's transaction fails because of one bad reply, the replies are stored one by one so
+    the others still get in; if the database is unreachable, the group is kept and tried again
+    with backoff, nothing dropped.
     """
 
     MAX_GROUP = 500
@@ -115,68 +118,40 @@ class ReplyListener:
         self._topics = topics
         self._hooks = hooks
         self._endpoint = endpoint
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-reply-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv5,
+        self._writer: QueueWorker[tuple[str, bytes]] = QueueWorker(
+            "reply-writer", self._store_received, max_group=self.MAX_GROUP, maxsize=100_000
         )
-        endpoint.configure(self._client)
-        self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(1, 10)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._worker = threading.Thread(target=self._work, name="reply-writer", daemon=True)
         self._connected = threading.Event()
-        self._stopped = threading.Event()
+        self._client = make_client(
+            endpoint, unique_client_id("reply"), name="reply listener", on_connected=self._subscribe
+        )
+        self._client.on_message = self._on_message
         self.processed = 0  # replies handled (stored or refused), for metrics and tests
 
     def start(self, timeout: float = 10.0) -> None:
-        self._worker.start()
-        self._client.connect_async(self._endpoint.host, self._endpoint.port)
-        self._client.loop_start()
+        self._writer.start()
+        start_client(self._client, self._endpoint)
         self._connected.wait(timeout)
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._stopped.set()  # ends a retry wait; replies already queued are still stored
-        self._queue.put(None)
-        self._worker.join(timeout=5)
+        """Disconnect, then store what was received (a retry wait for the database ends)."""
+        stop_client(self._client)
+        self._writer.stop(drain=True, timeout=5)
 
-    def _on_connect(
-        self, client: mqtt.Client, _u: Any, _f: Any, reason_code: ReasonCode, _p: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("reply listener refused by the broker: %s", reason_code)
-            return
+    def _subscribe(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
         client.subscribe(self._topics.shared("reply"), qos=1)
         self._connected.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put((msg.topic, bytes(msg.payload)))
+        self._writer.put((msg.topic, bytes(msg.payload)))
 
     def backlog(self) -> int:
         """Replies received and waiting for the writer."""
-        return self._queue.qsize()
+        return self._writer.qsize()
 
-    def _work(self) -> None:
-        stopping = False
-        while not stopping:
-            group: list[tuple[str, bytes]] = []
-            item = self._queue.get()
-            while item is not None:
-                group.append(item)
-                if len(group) >= self.MAX_GROUP:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            stopping = item is None
-            if group:
-                self._store_group(self._parse(group))
-                self.processed += len(group)
+    def _store_received(self, group: list[tuple[str, bytes]]) -> None:
+        self._store_group(self._parse(group))
+        self.processed += len(group)
 
     def _parse(self, group: list[tuple[str, bytes]]) -> list[tuple[str, Reply]]:
         """The well-formed replies of a group, with the device each one's topic names."""
@@ -218,7 +193,7 @@ class ReplyListener:
                 log.error(
                     "cannot store %d replies (%s); retrying in %.1fs", len(replies), reason, delay
                 )
-                if self._stopped.wait(delay):
+                if self._writer.stopping.wait(delay):
                     log.error("stopping: %d replies not stored", len(replies))
                     return
                 delay = min(30.0, delay * 2)

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from gateway.db import utcnow
-from gateway.errors import Conflict, Forbidden, GatewayError, Invalid, NotFound
+from gateway.errors import Conflict, Forbidden, Gone, Invalid, NotFound
 from gateway.flows.models import Deployment, DeploymentDevice, FlowModule, FlowRelease
 from gateway.flows.module_cache import get_module
 from gateway.flows.releases import resolve_digest
@@ -32,7 +32,6 @@ from provisioning.states import DeploymentState, DeviceDeployState
 
 __all__ = [
     "DeploymentPlan",
-    "Gone",
     "bundle_for_device",
     "cancel_deployment",
     "create_deployment",
@@ -44,12 +43,6 @@ __all__ = [
 
 DEFAULT_MIN_FINISHED: Final = 5
 _ID_ALPHABET: Final = "abcdefghijkmnpqrstuvwxyz23456789"
-
-
-class Gone(GatewayError):
-    """The thing exists but may no longer be used (a cancelled or timed-out deployment)."""
-
-    status = 410
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from sqlmodel import Session, col, select
 
 from gateway.commands.sender import issue
 from gateway.db import utcnow
-from gateway.errors import Unavailable
+from gateway.errors import HubConflictError, Unavailable
 from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels import states
@@ -47,10 +47,6 @@ from provisioning.wg import PeerStats, WireGuardError
 log = logging.getLogger(__name__)
 
 _WORK = (TunnelState.prepared, TunnelState.dialing, TunnelState.open, TunnelState.closing)
-
-
-class HubConflictError(RuntimeError):
-    """Another hub serves this database."""
 
 
 def hub_tunnel(row: TunnelRecord) -> HubTunnel:

@@ -23,7 +23,15 @@ from sqlmodel import Session, col, select
 
 from gateway.commands.sender import issue
 from gateway.db import utcnow
-from gateway.errors import Conflict, GatewayError, Invalid, NotFound, Unavailable
+from gateway.errors import (
+    Conflict,
+    GatewayError,
+    Invalid,
+    NotFound,
+    OpenFailed,
+    OpenTimedOut,
+    Unavailable,
+)
 from gateway.registry import audit, devices
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels import addresses, states
@@ -44,18 +52,6 @@ DEVICE_KEEPALIVE = 15
 CLOSE_WAIT = 10.0
 POLL_INTERVAL = 0.05
 _ALLOCATION_ATTEMPTS = 5
-
-
-class OpenTimedOut(GatewayError):
-    """The device did not come up in time (offline, or no WireGuard handshake)."""
-
-    status = 504
-
-
-class OpenFailed(GatewayError):
-    """The device or the hub could not bring the tunnel up."""
-
-    status = 502
 
 
 @dataclass(frozen=True)

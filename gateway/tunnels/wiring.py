@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import contextlib
 
+from gateway.errors import HubConflictError, TunnelSetupError
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels import reaper
 from gateway.tunnels.hooks import TunnelReplyHooks
-from gateway.tunnels.hub_runner import HubConflictError, HubRunner
+from gateway.tunnels.hub_runner import HubRunner
 from gateway.tunnels.wireguard.hub import TunnelHub
 from gateway.tunnels.wireguard.pool import PoolError
 from provisioning.wg import WireGuardError
 
 #: The hub's key, pid file and log live here, in the gateway's data directory.
 HUB_STATE_DIR = "tunnel-hub"
-
-
-class TunnelSetupError(RuntimeError):
-    """The tunnel hub cannot start as configured; the message says what to change."""
 
 
 def install(runtime: GatewayRuntime, stack: contextlib.ExitStack) -> HubRunner | None:

@@ -35,12 +35,12 @@ from sqlmodel import Session
 from edge_agent.telemetry.outbox import Outbox
 from edge_agent.telemetry.sender import TelemetrySender
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.registry.models import Device
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.models import samples, series
 from gateway.telemetry.store import WriteResult
+from provisioning.mqtt import MqttEndpoint
 from provisioning.telemetry import Sample, encode_batch
 from provisioning.wire import Topics
 from tests.support.mosquitto import RECONNECT_DELAY_S, enroll_device

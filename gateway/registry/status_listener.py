@@ -8,22 +8,25 @@ statuses retained while it was away, then drops that subscription.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.registry.devices import record_status
+from provisioning.mqtt import (
+    MqttEndpoint,
+    QueueWorker,
+    make_client,
+    start_client,
+    stop_client,
+    unique_client_id,
+)
 from provisioning.wire import DeviceStatus, Topics
 
 log = logging.getLogger(__name__)
@@ -35,45 +38,30 @@ class StatusListener:
     def __init__(self, endpoint: MqttEndpoint, engine: Engine, topics: Topics) -> None:
         self._engine = engine
         self._topics = topics
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=100_000)
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-status-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv5,
-        )
-        endpoint.configure(self._client)
-        self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(1, 10)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._worker = threading.Thread(target=self._work, name="status-writer", daemon=True)
-        self._connected = threading.Event()
         self._endpoint = endpoint
+        self._writer: QueueWorker[tuple[str, bytes]] = QueueWorker(
+            "status-writer", self._store_all, max_group=500, maxsize=100_000
+        )
+        self._connected = threading.Event()
+        self._client = make_client(
+            endpoint,
+            unique_client_id("status"),
+            name="status listener",
+            on_connected=self._subscribe,
+        )
+        self._client.on_message = self._on_message
 
     def start(self, timeout: float = 10.0) -> None:
-        self._worker.start()
-        self._client.connect_async(self._endpoint.host, self._endpoint.port)
-        self._client.loop_start()
+        self._writer.start()
+        start_client(self._client, self._endpoint)
         if not self._connected.wait(timeout):
             log.warning("status listener not connected to the broker yet; it keeps trying")
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._queue.put(None)
-        self._worker.join(timeout=5)
+        stop_client(self._client)
+        self._writer.stop(drain=True, timeout=5)
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        _userdata: Any,
-        _flags: Any,
-        reason_code: ReasonCode,
-        _properties: Any,
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("status listener: broker refused the connection: %s", reason_code)
-            return
+    def _subscribe(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
         client.subscribe(self._topics.shared("status"), qos=1, properties=_sub_id(_SHARED))
         # One pass over the retained statuses; the shared subscription carries the live ones.
         client.subscribe(self._topics.all_of("status"), qos=1, properties=_sub_id(_RETAINED))
@@ -87,11 +75,10 @@ class StatusListener:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) or []
         if _SHARED in ids or (msg.retain and _RETAINED in ids):
-            self._queue.put((msg.topic, bytes(msg.payload)))
+            self._writer.put((msg.topic, bytes(msg.payload)))
 
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            topic, payload = item
+    def _store_all(self, group: list[tuple[str, bytes]]) -> None:
+        for topic, payload in group:
             try:
                 self._store(topic, payload)
             except Exception:
