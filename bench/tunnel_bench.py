@@ -36,7 +36,7 @@ from edge_agent.tunnel.endpoint import TunnelEndpoint
 from edge_agent.tunnel.policy import TunnelPolicy
 from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub
 from provisioning.tunnel_command import TunnelOpenArgs
-from provisioning.wg import generate_keypair
+from provisioning.wireguard.keys import generate_keypair
 from tests.support.netns import NetLab, http_get, missing_requirements, ns_socket
 from tests.support.tunnel_lab import TunnelLab
 from tests.support.waiting import wait_for

@@ -8,31 +8,18 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import keys
+from provisioning.files import write_private
 from provisioning.wire import EnrollResponse
 
 
 class NotEnrolled(RuntimeError):
     pass
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -56,10 +43,11 @@ class AgentState:
         return self.identity_path.exists() and self.key_path.exists()
 
     def save(self, gateway_url: str, response: EnrollResponse) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         if response.broker.ca_cert:
-            write_private_file(self.ca_path, response.broker.ca_cert.encode())
+            write_private(self.ca_path, response.broker.ca_cert)
         record = {"gateway_url": gateway_url, **response.model_dump()}
-        write_private_file(self.identity_path, json.dumps(record, indent=2).encode())
+        write_private(self.identity_path, json.dumps(record, indent=2))
 
     def load(self) -> Identity:
         if not self.enrolled:

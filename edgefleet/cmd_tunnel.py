@@ -120,7 +120,9 @@ def _open(args: argparse.Namespace) -> None:
         _check_writable(args.output)
     from ipaddress import IPv4Interface, IPv4Network
 
-    from provisioning.wg import generate_keypair, render_wg_quick, write_secret_file
+    from provisioning.files import write_private
+    from provisioning.wireguard.config import render_wg_quick
+    from provisioning.wireguard.keys import generate_keypair
 
     keys = generate_keypair()
     client = GatewayClient(args.gateway, args.token, timeout=OPEN_HTTP_TIMEOUT)
@@ -146,7 +148,7 @@ def _open(args: argparse.Namespace) -> None:
     )
     path: Path = args.output or Path(f"{tunnel['id']}.conf")
     try:
-        write_secret_file(path, config)
+        write_private(path, config)
     except OSError as exc:
         client.post(f"/tunnels/{tunnel['id']}/close", json={"reason": "config not written"})
         raise CommandError(f"could not write {path}: {exc}; the tunnel was closed again") from exc

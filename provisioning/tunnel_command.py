@@ -29,7 +29,8 @@ from pydantic import (
 )
 
 from provisioning.commands import CommandArgs, CommandResult
-from provisioning.wg import DEFAULT_KEEPALIVE, DEFAULT_MTU, normalize_key
+from provisioning.wireguard.config import DEFAULT_KEEPALIVE, DEFAULT_MTU
+from provisioning.wireguard.keys import normalize_key
 
 __all__ = [
     "TUNNEL_ID_PATTERN",

@@ -47,13 +47,9 @@ from gateway.settings import GatewaySettings
 from gateway.telemetry.models import batches
 from gateway.tunnels import reaper
 from gateway.tunnels.wireguard.firewall import HubFirewall
-from provisioning.wg import (
-    UAPI_DIR,
-    generate_keypair,
-    link_exists,
-    run_command,
-    wg_show_dump,
-)
+from provisioning.wireguard.keys import generate_keypair
+from provisioning.wireguard.tools import link_exists, run_command, wg_show_dump
+from provisioning.wireguard.wireguard_go import UAPI_DIR
 from tests.conftest import fresh_pg_database
 from tests.support.cluster import Cluster, replica_args
 from tests.support.gateway_process import (

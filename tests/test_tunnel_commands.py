@@ -17,7 +17,7 @@ from edge_agent.tunnel.endpoint import TunnelEndpoint
 from edge_agent.tunnel.handler import TunnelCommands
 from edge_agent.tunnel.policy import TunnelPolicy
 from provisioning.jwt_rules import Command
-from provisioning.wg import generate_keypair
+from provisioning.wireguard.keys import generate_keypair
 
 
 @pytest.fixture
@@ -107,7 +107,8 @@ def test_nft_missing_is_an_error_not_an_empty_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without nft on PATH, asking for a table must fail loudly, not say "no such table"."""
-    from provisioning.wg import WgCommandError, nft_list_table
+    from provisioning.nftables import nft_list_table
+    from provisioning.wireguard.tools import WgCommandError
 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(WgCommandError, match="not installed"):

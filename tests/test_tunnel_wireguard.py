@@ -38,23 +38,19 @@ from gateway.tunnels.wireguard.pool import (
     choose_address,
 )
 from provisioning.commands import InvalidArgs
+from provisioning.files import write_private
+from provisioning.nftables import nft_list_table
+from provisioning.process import pid_alive
 from provisioning.tunnel_command import TunnelOpenArgs
-from provisioning.wg import (
-    UAPI_DIR,
-    WgCommandError,
-    WgConfigError,
+from provisioning.wireguard.config import WgConfigError, render_wg_quick
+from provisioning.wireguard.keys import (
     WgKeyError,
-    WireGuardGo,
     generate_keypair,
-    link_exists,
-    nft_list_table,
     normalize_key,
-    pid_alive,
     public_key_from_private,
-    render_wg_quick,
-    run_command,
-    write_secret_file,
 )
+from provisioning.wireguard.tools import WgCommandError, link_exists, run_command
+from provisioning.wireguard.wireguard_go import UAPI_DIR, WireGuardGo
 from tests.support.netns import (
     Link,
     NetLab,
@@ -138,7 +134,7 @@ def test_engineer_config_round_trips_and_is_0600(tmp_path: Path) -> None:
     assert str(peer.public_key) == hub.public_key
     assert (peer.endpoint_host, peer.endpoint_port) == ("hub.example.com", 51820)
     assert [str(a) for a in peer.allowed_ips] == ["10.213.0.2/32"]
-    path = write_secret_file(tmp_path / "engineer.conf", text)
+    path = write_private(tmp_path / "engineer.conf", text)
     assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -349,7 +345,7 @@ def open_tunnel(
     stack.callback(_remove_if_open, hub, tunnel_id)
     endpoint.connect()
     config = engineer_config(hub, tunnel_id, eng_keys.private_key, f"{eng_link.a_ip}:{HUB_PORT}")
-    config_path = write_secret_file(tmp_path / f"{tunnel_id}-engineer.conf", config)
+    config_path = write_private(tmp_path / f"{tunnel_id}-engineer.conf", config)
     iface, process = lab.net.wg_client(engineer, config, extra_allowed=extra_allowed)
     stack.callback(process.stop)
     return Opened(tunnel, session, endpoint, eng_link.b, iface, process, config_path)

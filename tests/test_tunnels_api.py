@@ -39,8 +39,8 @@ from gateway.tunnels.states import TunnelFailure
 from gateway.tunnels.wiring import install as install_tunnels
 from provisioning import keys
 from provisioning.states import TunnelState
-from provisioning.wg import generate_keypair
 from provisioning.wire import Reply
+from provisioning.wireguard.keys import generate_keypair
 from tests.conftest import api_token
 from tests.support.waiting import wait_for
 

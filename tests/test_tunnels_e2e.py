@@ -27,7 +27,9 @@ from gateway.identity import GatewayIdentity
 from gateway.tunnels.wireguard.firewall import HubFirewall
 from provisioning import keys
 from provisioning.jwt_rules import sign_command
-from provisioning.wg import UAPI_DIR, WireGuardGo, nft_list_table, wg_show_dump
+from provisioning.nftables import nft_list_table
+from provisioning.wireguard.tools import wg_show_dump
+from provisioning.wireguard.wireguard_go import UAPI_DIR, WireGuardGo
 from tests.support.mosquitto import MqttProbe
 from tests.support.netns import (
     http_get,

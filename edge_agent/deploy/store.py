@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from provisioning.files import write_private
 from provisioning.states import DeviceDeployState
 
 DeployStatus = Literal[
@@ -121,7 +121,7 @@ class DeployerStore:
 
     def save_result(self, result: DeployResult) -> None:
         """Keep a result (the oldest beyond `max_results` go)."""
-        _atomic_write(
+        write_private(
             self._result_path(result.deployment_id), result.model_dump_json().encode("utf-8")
         )
         results = sorted(
@@ -146,24 +146,4 @@ class DeployerStore:
             ) from exc
 
     def save(self, state: DeployerState) -> None:
-        _atomic_write(self.state_dir / _STATE_FILE, state.model_dump_json().encode("utf-8"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename so a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        write_private(self.state_dir / _STATE_FILE, state.model_dump_json().encode("utf-8"))

@@ -12,7 +12,6 @@ agent's data directory, where the outbox grows).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Final
@@ -20,6 +19,7 @@ from typing import Final
 import psutil
 
 from edge_agent.telemetry.outbox import Outbox, OutboxError
+from provisioning.periodic import Periodic
 from provisioning.telemetry import BatchRejected
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ class HostSampler:
         self.outbox = outbox
         self.interval = interval
         self.disk_path = disk_path
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("host-metrics", self._tick, interval)
         self._problems: set[str] = set()
 
     def read(self) -> dict[str, float]:
@@ -66,26 +65,20 @@ class HostSampler:
         return values
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._periodic.running:
             return
         psutil.cpu_percent(interval=None)  # set the mark: the first real reading is an average
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="host-metrics", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.record()
-                self._problems.discard("record")
-            except (OutboxError, BatchRejected, OSError) as exc:
-                self._warn_once("record", f"host metrics not recorded: {exc}")
+    def _tick(self) -> None:
+        try:
+            self.record()
+            self._problems.discard("record")
+        except (OutboxError, BatchRejected, OSError) as exc:
+            self._warn_once("record", f"host metrics not recorded: {exc}")
 
     def _warn_once(self, problem: str, message: str) -> None:
         """Log a failure when it starts, not on every interval while it lasts."""

@@ -32,23 +32,23 @@ from pathlib import Path
 
 from edge_agent.tunnel.firewall import AgentFirewall
 from edge_agent.tunnel.policy import TunnelPolicy
+from provisioning.files import write_private
 from provisioning.tunnel_command import TunnelOpenArgs
-from provisioning.wg import (
+from provisioning.wireguard.config import host_network
+from provisioning.wireguard.keys import generate_keypair
+from provisioning.wireguard.tools import (
     PeerStats,
     PeerUpdate,
     WireGuardError,
-    WireGuardGo,
     check_interface_name,
     configure_link,
-    generate_keypair,
-    host_network,
     link_exists,
     run_command,
     wg_set_peers,
     wg_set_private_key,
     wg_show_dump,
-    write_secret_file,
 )
+from provisioning.wireguard.wireguard_go import WireGuardGo
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class TunnelEndpoint:
 
     def _write_state(self, session: TunnelOpenArgs, public_key: str) -> None:
         state = {"session": session.model_dump(mode="json"), "public_key": public_key}
-        write_secret_file(self._state_file, json.dumps(state))
+        write_private(self._state_file, json.dumps(state))
 
     def recover(self) -> TunnelOpenArgs | None:
         """After an agent restart: re-arm the timer of a live session, or clean up what is left.

@@ -29,7 +29,7 @@ from provisioning.tunnel_command import (
     TunnelOpenResult,
     TunnelRef,
 )
-from provisioning.wg import WireGuardError
+from provisioning.wireguard.tools import WireGuardError
 
 log = logging.getLogger(__name__)
 

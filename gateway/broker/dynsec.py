@@ -35,8 +35,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker.permissions import device_topics
-from gateway.broker.pki import write_private_file
 from gateway.errors import BrokerError, BrokerRefused, BrokerUnavailable, DeviceExistsError
+from provisioning.files import write_private
 from provisioning.mqtt import (
     MqttEndpoint,
     make_client,
@@ -181,7 +181,7 @@ def prepare_config_file(path: Path, admin_password: str, topic_prefix: str) -> N
     admin.pop("clientid", None)
     admin.pop("disabled", None)
     admin["roles"] = [{"rolename": GATEWAY_ROLE}]
-    write_private_file(path, json.dumps(config, indent=2).encode())
+    write_private(path, json.dumps(config, indent=2))
 
 
 # -- the control API, while the broker runs ------------------------------------------------------

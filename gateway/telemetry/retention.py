@@ -22,7 +22,6 @@ on PostgreSQL (a TID scan; ``IN (subquery)`` plans a scan of the whole table) an
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -31,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from gateway.telemetry.metrics import TelemetryMetrics
+from provisioning.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -86,28 +86,20 @@ class RetentionJob:
         self.interval = interval
         self.chunk = chunk
         self.pause = pause
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("telemetry-retention", self._tick, interval)
+        self._stop = self._periodic.stopping
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="telemetry-retention", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except sa.exc.SQLAlchemyError as exc:
-                log.error("telemetry retention failed (%s); trying again later", exc)
+    def _tick(self) -> None:
+        try:
+            self.run_once()
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("telemetry retention failed (%s); trying again later", exc)
 
     def run_once(self, now: float | None = None) -> RetentionResult:
         """One pass: delete everything older than ``now - max_age``, chunk by chunk."""

@@ -19,8 +19,8 @@ from gateway.tunnels.lifecycle import begin_close, transition
 from gateway.tunnels.models import TunnelRecord
 from gateway.tunnels.states import TunnelFailure
 from provisioning.states import FINAL_COMMAND_STATES, CommandKind, CommandState, TunnelState
-from provisioning.wg import WgKeyError, normalize_key
 from provisioning.wire import Reply
+from provisioning.wireguard.keys import WgKeyError, normalize_key
 
 Notify = Callable[[], None]
 

@@ -20,7 +20,6 @@ and slowly otherwise; a reply hook wakes it at once when a device's key arrives.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
@@ -40,9 +39,10 @@ from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
 from gateway.tunnels.states import TunnelFailure
 from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub, UnknownTunnelError
+from provisioning.periodic import Periodic
 from provisioning.states import CommandKind, TunnelState
 from provisioning.tunnel_command import TunnelRef
-from provisioning.wg import PeerStats, WireGuardError
+from provisioning.wireguard.tools import PeerStats, WireGuardError
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ class HubRunner:
         self.idle_tick = idle_tick
         self.heartbeat_every = heartbeat_every
         self.stats_every = stats_every
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tunnel-hub", daemon=True)
+        self._periodic = Periodic("tunnel-hub", self._tick, idle_tick, first_at_start=True)
         self._next_heartbeat = 0.0
         self._next_stats = 0.0
 
@@ -106,17 +104,14 @@ class HubRunner:
             ).all()
         report = self.hub.restore([hub_tunnel(row) for row in rows])
         log.info("tunnel hub restored %d tunnel(s) from the database: %s", len(rows), report)
-        self._thread.start()
+        self._periodic.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._periodic.wake()
 
     def stop(self) -> None:
         """Stop the loop. The hub stays up while tunnels are open (a restart adopts it)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._periodic.stop(timeout=10)
         open_now = self.hub.tunnels
         if open_now:
             log.info(
@@ -163,15 +158,9 @@ class HubRunner:
             session.commit()
 
     # ---- the loop -------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = False
-            try:
-                busy = self.reconcile()
-            except Exception:
-                log.exception("tunnel hub reconcile failed; retrying")
-            self._wake.wait(self.busy_tick if busy else self.idle_tick)
-            self._wake.clear()
+    def _tick(self) -> float:
+        """One reconcile; tick fast while a tunnel is on its way."""
+        return self.busy_tick if self.reconcile() else self.idle_tick
 
     def reconcile(self) -> bool:
         """One pass; whether a tunnel is still on its way (tick fast)."""

@@ -11,7 +11,7 @@ from gateway.tunnels.hooks import TunnelReplyHooks
 from gateway.tunnels.hub_runner import HubRunner
 from gateway.tunnels.wireguard.hub import TunnelHub
 from gateway.tunnels.wireguard.pool import PoolError
-from provisioning.wg import WireGuardError
+from provisioning.wireguard.tools import WireGuardError
 
 #: The hub's key, pid file and log live here, in the gateway's data directory.
 HUB_STATE_DIR = "tunnel-hub"

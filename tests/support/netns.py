@@ -30,7 +30,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from provisioning.wg import UAPI_DIR, WireGuardGo, configure_link, pid_alive, run_command
+from provisioning.process import pid_alive
+from provisioning.wireguard.tools import configure_link, run_command
+from provisioning.wireguard.wireguard_go import UAPI_DIR, WireGuardGo
 from tests.support.waiting import wait_for
 from tests.support.wireguard import (
     parse_wg_quick,

@@ -30,7 +30,7 @@ from gateway.broker.dynsec import GATEWAY_USERNAME
 from gateway.broker.mosquitto import gateway_password_path, pki_directory
 from gateway.broker.pki import CA_CERT_NAME
 from provisioning.mqtt import MqttEndpoint
-from provisioning.wg import link_exists, run_command
+from provisioning.wireguard.tools import link_exists, run_command
 from tests.support import local_http
 from tests.support.netns import NetLab, in_netns
 from tests.support.waiting import wait_for

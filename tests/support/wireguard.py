@@ -28,7 +28,8 @@ from gateway.tunnels.wireguard.pool import (
     hub_address,
     parse_network,
 )
-from provisioning.wg import WgConfigError, host_network, public_key_from_private, render_wg_quick
+from provisioning.wireguard.config import WgConfigError, host_network, render_wg_quick
+from provisioning.wireguard.keys import public_key_from_private
 
 #: Keepalive written into engineers' configs (their laptops sit behind NAT too).
 ENGINEER_KEEPALIVE = 25
@@ -152,7 +153,7 @@ def engineer_config(
     """The engineer's wg-quick config: their /32, the hub as only peer, the device reachable.
 
     `endpoint` is how the engineer reaches the hub (public HOST:PORT). Write it with
-    `provisioning.wg.write_secret_file` (mode 0600).
+    `provisioning.files.write_private` (mode 0600).
     """
     tunnel = hub.tunnels.get(tunnel_id)
     if tunnel is None:

@@ -26,12 +26,21 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
+from provisioning.nftables import (
+    ACCEPT,
+    COUNT_AND_DROP,
+    Table,
+    ct_state,
+    ip_field,
+    match,
+    meta,
+    to_ports,
+)
 from provisioning.tunnel_command import TUNNEL_ID_PATTERN
-from provisioning.wg import check_interface_name, nft_apply, nft_delete_table, nft_list_table
+from provisioning.wireguard.tools import check_interface_name
 
 logger = logging.getLogger(__name__)
 
-FAMILY = "inet"
 TABLE_PREFIX = "edgefleet_hub_"
 DISPATCH_MAP = "tunnel_dispatch"
 FORWARD_CHAIN = "hub_forward"
@@ -79,78 +88,37 @@ class FirewallSync:
     removed: tuple[str, ...]
 
 
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _ip(field_name: str) -> dict[str, Any]:
-    return {"payload": {"protocol": "ip", "field": field_name}}
-
-
-def _meta(key: str) -> dict[str, Any]:
-    return {"meta": {"key": key}}
-
-
-def _ct_state(*states: str) -> dict[str, Any]:
-    return _match({"ct": {"key": "state"}}, list(states), op="in")
-
-
 class HubFirewall:
     """Our nftables table on the hub (in `netns` when given)."""
 
     def __init__(self, interface: str, *, netns: str | None = None) -> None:
         self.interface = check_interface_name(interface)
         self.netns = netns
-        self.table = TABLE_PREFIX + self.interface
-
-    def _obj(self, **extra: Any) -> dict[str, Any]:
-        return {"family": FAMILY, "table": self.table, **extra}
-
-    def _rule(self, chain: str, expr: list[dict[str, Any]], comment: str | None = None) -> Any:
-        rule = self._obj(chain=chain, expr=expr)
-        if comment is not None:
-            rule["comment"] = comment
-        return {"add": {"rule": rule}}
+        self._table = Table(TABLE_PREFIX + self.interface, netns=netns)
+        self.table = self._table.name
 
     def _base_commands(self) -> list[dict[str, Any]]:
-        iif = _match(_meta("iifname"), self.interface)
-        oif = _match(_meta("oifname"), self.interface)
+        table = self._table
+        iif = match(meta("iifname"), self.interface)
+        oif = match(meta("oifname"), self.interface)
         return [
-            {"add": {"table": {"family": FAMILY, "name": self.table}}},
-            {"add": {"map": self._obj(name=DISPATCH_MAP, type="ipv4_addr", map="verdict")}},
-            {
-                "add": {
-                    "chain": self._obj(
-                        name=FORWARD_CHAIN, type="filter", hook="forward", prio=0, policy="accept"
-                    )
-                }
-            },
-            {
-                "add": {
-                    "chain": self._obj(
-                        name=INPUT_CHAIN, type="filter", hook="input", prio=0, policy="accept"
-                    )
-                }
-            },
-            self._rule(
+            table.add(),
+            {"add": {"map": table.obj(name=DISPATCH_MAP, type="ipv4_addr", map="verdict")}},
+            table.base_chain(FORWARD_CHAIN, "forward"),
+            table.base_chain(INPUT_CHAIN, "input"),
+            table.rule(
                 FORWARD_CHAIN,
-                [iif, {"vmap": {"key": _ip("saddr"), "data": f"@{DISPATCH_MAP}"}}],
+                [iif, {"vmap": {"key": ip_field("saddr"), "data": f"@{DISPATCH_MAP}"}}],
                 "edgefleet: to the sender's tunnel",
             ),
-            self._rule(
-                FORWARD_CHAIN,
-                [iif, {"counter": None}, {"drop": None}],
-                "edgefleet: not allowed by any tunnel",
+            table.rule(
+                FORWARD_CHAIN, [iif, *COUNT_AND_DROP], "edgefleet: not allowed by any tunnel"
             ),
-            self._rule(
-                FORWARD_CHAIN,
-                [oif, {"counter": None}, {"drop": None}],
-                "edgefleet: only engineers reach devices",
+            table.rule(
+                FORWARD_CHAIN, [oif, *COUNT_AND_DROP], "edgefleet: only engineers reach devices"
             ),
-            self._rule(
-                INPUT_CHAIN,
-                [iif, {"counter": None}, {"drop": None}],
-                "edgefleet: tunnel peers never reach the hub",
+            table.rule(
+                INPUT_CHAIN, [iif, *COUNT_AND_DROP], "edgefleet: tunnel peers never reach the hub"
             ),
         ]
 
@@ -160,7 +128,7 @@ class HubFirewall:
         A table that exists but lacks a base chain (someone edited it) is rebuilt; the caller then
         restores the tunnels.
         """
-        items = nft_list_table(FAMILY, self.table, netns=self.netns)
+        items = self._table.listing()
         if items is not None:
             chains = {i["chain"]["name"] for i in items if "chain" in i}
             maps = {i["map"]["name"] for i in items if "map" in i}
@@ -169,55 +137,30 @@ class HubFirewall:
             if {FORWARD_CHAIN, INPUT_CHAIN} <= chains and DISPATCH_MAP in maps and base_rules == 4:
                 return
             logger.warning("nftables table %s is incomplete; rebuilding it", self.table)
-            nft_apply(
-                [{"delete": {"table": {"family": FAMILY, "name": self.table}}}], netns=self.netns
-            )
-        nft_apply(self._base_commands(), netns=self.netns)
+            self._table.apply([self._table.delete()])
+        self._table.apply(self._base_commands())
 
     def delete(self) -> bool:
         """Remove our whole table (hub going down)."""
-        return nft_delete_table(FAMILY, self.table, netns=self.netns)
+        return self._table.remove()
 
     def _tunnel_commands(self, rule: TunnelRule) -> list[dict[str, Any]]:
         chain = chain_name(rule.tunnel_id)
         eng, dev = str(rule.engineer_ip), str(rule.device_ip)
         jump = {"jump": {"target": chain}}
+        table = self._table
+        from_engineer = [match(ip_field("saddr"), eng), match(ip_field("daddr"), dev)]
+        from_device = [match(ip_field("saddr"), dev), match(ip_field("daddr"), eng)]
         return [
-            {"add": {"chain": self._obj(name=chain)}},
-            self._rule(
+            {"add": {"chain": table.obj(name=chain)}},
+            table.rule(
                 chain,
-                [
-                    _match(_ip("saddr"), eng),
-                    _match(_ip("daddr"), dev),
-                    _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
-                    _match(
-                        {"payload": {"protocol": "th", "field": "dport"}},
-                        {"set": sorted(rule.ports)},
-                    ),
-                    {"counter": None},
-                    {"accept": None},
-                ],
+                [*from_engineer, *to_ports(rule.ports), {"counter": None}, ACCEPT],
                 f"edgefleet tunnel {rule.tunnel_id} fp={rule.fingerprint()}",
             ),
-            self._rule(
-                chain,
-                [
-                    _match(_ip("saddr"), dev),
-                    _match(_ip("daddr"), eng),
-                    _ct_state("established", "related"),
-                    {"accept": None},
-                ],
-            ),
-            self._rule(
-                chain,
-                [
-                    _match(_ip("saddr"), eng),
-                    _match(_ip("daddr"), dev),
-                    _ct_state("related"),
-                    {"accept": None},
-                ],
-            ),
-            {"add": {"element": self._obj(name=DISPATCH_MAP, elem=[[eng, jump], [dev, jump]])}},
+            table.rule(chain, [*from_device, ct_state("established", "related"), ACCEPT]),
+            table.rule(chain, [*from_engineer, ct_state("related"), ACCEPT]),
+            {"add": {"element": table.obj(name=DISPATCH_MAP, elem=[[eng, jump], [dev, jump]])}},
         ]
 
     def _removal_commands(self, tunnel_id: str, elements: dict[str, str]) -> list[dict[str, Any]]:
@@ -225,14 +168,14 @@ class HubFirewall:
         keys = [addr for addr, target in elements.items() if target == chain]
         commands: list[dict[str, Any]] = []
         if keys:
-            commands.append({"delete": {"element": self._obj(name=DISPATCH_MAP, elem=keys)}})
-        commands.append({"flush": {"chain": self._obj(name=chain)}})
-        commands.append({"delete": {"chain": self._obj(name=chain)}})
+            commands.append({"delete": {"element": self._table.obj(name=DISPATCH_MAP, elem=keys)}})
+        commands.append({"flush": {"chain": self._table.obj(name=chain)}})
+        commands.append({"delete": {"chain": self._table.obj(name=chain)}})
         return commands
 
     def _state(self) -> tuple[dict[str, str | None], dict[str, str]]:
         """(tunnel id -> fingerprint, dispatch address -> chain) as installed now."""
-        items = nft_list_table(FAMILY, self.table, netns=self.netns) or []
+        items = self._table.listing() or []
         tunnels: dict[str, str | None] = {}
         for item in items:
             chain = item.get("chain")
@@ -265,7 +208,7 @@ class HubFirewall:
         """Install one tunnel's chain and dispatch entries (atomic)."""
         if not rule.ports:
             raise ValueError(f"tunnel {rule.tunnel_id} has no ports to allow")
-        nft_apply(self._tunnel_commands(rule), netns=self.netns)
+        self._table.apply(self._tunnel_commands(rule))
         logger.info(
             "hub firewall: tunnel %s allows %s -> %s ports %s",
             rule.tunnel_id,
@@ -279,7 +222,7 @@ class HubFirewall:
         tunnels, elements = self._state()
         if tunnel_id not in tunnels:
             return False
-        nft_apply(self._removal_commands(tunnel_id, elements), netns=self.netns)
+        self._table.apply(self._removal_commands(tunnel_id, elements))
         logger.info("hub firewall: tunnel %s removed", tunnel_id)
         return True
 
@@ -313,5 +256,5 @@ class HubFirewall:
                 commands += self._removal_commands(tid, elements)
             commands += self._tunnel_commands(rule)
             written.append(tid)
-        nft_apply(commands, netns=self.netns)
+        self._table.apply(commands)
         return FirewallSync(tuple(kept), tuple(written), tuple(removed))

@@ -35,23 +35,23 @@ from gateway.tunnels.wireguard.pool import (
     hub_address,
     parse_network,
 )
-from provisioning.wg import (
-    DEFAULT_MTU,
-    PeerStats,
-    PeerUpdate,
-    WireGuardError,
-    WireGuardGo,
-    configure_link,
-    host_network,
+from provisioning.wireguard.config import DEFAULT_MTU, host_network
+from provisioning.wireguard.keys import (
     load_or_create_private_key,
     normalize_key,
     public_key_from_private,
+)
+from provisioning.wireguard.tools import (
+    PeerStats,
+    PeerUpdate,
+    WireGuardError,
+    configure_link,
     set_sysctl,
-    uapi_alive,
     wg_set_peers,
     wg_set_private_key,
     wg_show_dump,
 )
+from provisioning.wireguard.wireguard_go import WireGuardGo, uapi_alive
 
 logger = logging.getLogger(__name__)
 
