@@ -11,7 +11,15 @@ import gc
 import sys
 from collections.abc import Sequence
 
-from edgefleet import cmd_agent, cmd_flows, cmd_gateway, cmd_operator, cmd_telemetry, cmd_tunnel
+from edgefleet import (
+    cmd_agent,
+    cmd_deployments,
+    cmd_flows,
+    cmd_gateway,
+    cmd_operator,
+    cmd_telemetry,
+    cmd_tunnel,
+)
 from edgefleet.output import CommandError
 
 
@@ -36,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_operator.register(sub)
     cmd_tunnel.register(sub)
     cmd_flows.register(sub)
+    cmd_deployments.register(sub)
     cmd_telemetry.register(sub)
     return parser
 

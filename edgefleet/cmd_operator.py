@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
 from edgefleet.client import GatewayClient
+from edgefleet.options import operator
 from edgefleet.output import (
     CommandError,
     ago,
@@ -22,24 +22,6 @@ from provisioning.states import CommandState
 
 #: A ping is answered once the command is in one of these.
 ANSWERED = (CommandState.succeeded, CommandState.failed, CommandState.refused)
-
-
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("gateway connection")
-    group.add_argument(
-        "--gateway",
-        default=os.environ.get("EDGEFLEET_GATEWAY", ""),
-        help="gateway URL (default: $EDGEFLEET_GATEWAY)",
-    )
-    group.add_argument(
-        "--token",
-        default=os.environ.get("EDGEFLEET_TOKEN", ""),
-        help="operator API token (default: $EDGEFLEET_TOKEN)",
-    )
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def client_of(args: argparse.Namespace) -> GatewayClient:
@@ -61,7 +43,7 @@ def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         epilog="example: edgefleet token create --tag site=plant-3 --ttl 1h --uses 5",
     )
     tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = tsub.add_parser("create", help="make a token (printed once)")
+    create = tsub.add_parser("create", help="make a token (printed once)", parents=operator())
     create.add_argument(
         "--tag",
         action="append",
@@ -72,17 +54,15 @@ def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument("--ttl", default="1h", help="how long it may be used (e.g. 30m, 1h, 7d)")
     create.add_argument("--uses", type=int, default=1, help="how many machines it may enroll")
     create.add_argument("--note", default="", help="a note for the token list")
-    _json_flag(create)
-    add_connection_options(create)
     create.set_defaults(func=_token_create)
-    listing = tsub.add_parser("list", help="list tokens with their state and uses")
-    _json_flag(listing)
-    add_connection_options(listing)
+    listing = tsub.add_parser(
+        "list", help="list tokens with their state and uses", parents=operator()
+    )
     listing.set_defaults(func=_token_list)
-    revoke = tsub.add_parser("revoke", help="stop a token from enrolling more machines")
+    revoke = tsub.add_parser(
+        "revoke", help="stop a token from enrolling more machines", parents=operator()
+    )
     revoke.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (pt-...)")
-    _json_flag(revoke)
-    add_connection_options(revoke)
     revoke.set_defaults(func=_token_revoke)
 
 
@@ -143,15 +123,13 @@ def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="List, show and revoke enrolled machines.",
     )
     dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = dsub.add_parser("list", help="every machine with tags, online state, last seen")
+    listing = dsub.add_parser(
+        "list", help="every machine with tags, online state, last seen", parents=operator()
+    )
     listing.add_argument("--all", action="store_true", help="include revoked machines")
-    _json_flag(listing)
-    add_connection_options(listing)
     listing.set_defaults(func=_devices_list)
-    show = dsub.add_parser("show", help="one machine in full")
+    show = dsub.add_parser("show", help="one machine in full", parents=operator())
     show.add_argument("device_id", metavar="DEVICE_ID")
-    _json_flag(show)
-    add_connection_options(show)
     show.set_defaults(func=_devices_show)
     ping = dsub.add_parser(
         "ping",
@@ -159,19 +137,17 @@ def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Checks the whole command path: the gateway signs a command, the broker "
         "delivers it, the agent verifies it and answers. A machine that is offline gets the "
         "ping when it comes back (within 5 minutes).",
+        parents=operator(),
     )
     ping.add_argument("device_id", metavar="DEVICE_ID")
     ping.add_argument("--timeout", default="10s", help="how long to wait (default 10s)")
-    _json_flag(ping)
-    add_connection_options(ping)
     ping.set_defaults(func=_devices_ping)
     revoke = dsub.add_parser(
         "revoke",
         help="take a machine out: disconnect it, remove its credential, refuse its JWTs",
+        parents=operator(),
     )
     revoke.add_argument("device_id", metavar="DEVICE_ID")
-    _json_flag(revoke)
-    add_connection_options(revoke)
     revoke.set_defaults(func=_devices_revoke)
 
 
@@ -243,12 +219,11 @@ def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="who did what to which machine",
         description="The audit log: enrollments, revocations, token changes, deployments, "
         "tunnels. Newest first.",
+        parents=operator(),
     )
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--action", help="only this action, e.g. device.revoke")
     audit.add_argument("--target", help="only events about this device or token id")
-    _json_flag(audit)
-    add_connection_options(audit)
     audit.set_defaults(func=_audit)
 
 

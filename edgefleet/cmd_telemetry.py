@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from edgefleet.client import GatewayClient
-from edgefleet.cmd_operator import add_connection_options
+from edgefleet.options import connection_options, operator
 from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table
 
 
@@ -37,16 +37,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     tsub = telemetry.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    latest = tsub.add_parser("latest", help="the newest value of each metric")
+    latest = tsub.add_parser("latest", help="the newest value of each metric", parents=operator())
     latest.add_argument("device_id", metavar="DEVICE")
-    _json_flag(latest)
-    add_connection_options(latest)
     latest.set_defaults(func=_latest)
 
     query = tsub.add_parser(
         "query",
         help="one metric over time, in buckets (min, avg, max, count)",
         description="One metric over a time range, grouped in buckets of --every.",
+        parents=operator(),
     )
     query.add_argument("device_id", metavar="DEVICE")
     query.add_argument("metric", metavar="METRIC")
@@ -54,8 +53,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     query.add_argument(
         "--every", help="bucket width, e.g. 10s, 1m, 1h (default: about 500 buckets)"
     )
-    _json_flag(query)
-    add_connection_options(query)
     query.set_defaults(func=_query)
 
     tail = tsub.add_parser(
@@ -64,6 +61,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Print the newest value of each metric, then every newer one as it arrives "
         "(polls the latest values; a metric updated several times between two polls shows its "
         "newest value).",
+        parents=[connection_options()],
     )
     tail.add_argument("device_id", metavar="DEVICE")
     tail.add_argument("--interval", default="2s", help="how often to poll (default 2s)")
@@ -71,20 +69,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail.add_argument(
         "--json", action="store_true", help="one JSON object per line (a stream, not a document)"
     )
-    add_connection_options(tail)
     tail.set_defaults(func=_tail)
 
-    export = tsub.add_parser("export", help="samples as CSV: ts,time,metric,value")
+    export = tsub.add_parser(
+        "export", help="samples as CSV: ts,time,metric,value", parents=[connection_options()]
+    )
     export.add_argument("device_id", metavar="DEVICE")
     export.add_argument("--metric", help="only this metric (default: all)")
     _range_options(export)
     export.add_argument("-o", "--output", type=Path, help="write to this file (default: stdout)")
-    add_connection_options(export)
     export.set_defaults(func=_export)
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def _range_options(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.client import GatewayClient
-from edgefleet.cmd_operator import add_connection_options
+from edgefleet.options import operator
 from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table, until
 from provisioning.states import TUNNEL_FINAL
 
@@ -32,10 +32,6 @@ def _port(text: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
     return port
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,6 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the machine is offline or its owner does not allow the request.",
         epilog="example: edgefleet tunnel open press-07 --ttl 30m --port 1880 --port 22 "
         "--reason 'ticket 4711' -o press-07.conf && sudo wg-quick up ./press-07.conf",
+        parents=operator(),
     )
     opening.add_argument("device_id", metavar="DEVICE", help="the machine's device id")
     opening.add_argument(
@@ -86,22 +83,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="where to write the WireGuard config (default ./TUNNEL_ID.conf, usable with wg-quick)",
     )
-    _json_flag(opening)
-    add_connection_options(opening)
     opening.set_defaults(func=_open)
 
-    listing = tsub.add_parser("list", help="tunnels with state, time left and handshake age")
+    listing = tsub.add_parser(
+        "list", help="tunnels with state, time left and handshake age", parents=operator()
+    )
     listing.add_argument("--all", action="store_true", help="also closed, expired and failed ones")
     listing.add_argument("--device", metavar="DEVICE", help="only this machine's tunnels")
-    _json_flag(listing)
-    add_connection_options(listing)
     listing.set_defaults(func=_list)
 
-    closing = tsub.add_parser("close", help="close a tunnel now, on the hub and on the machine")
+    closing = tsub.add_parser(
+        "close", help="close a tunnel now, on the hub and on the machine", parents=operator()
+    )
     closing.add_argument("tunnel_id", metavar="TUNNEL_ID")
     closing.add_argument("--reason", default="", help="why (kept in the audit log)")
-    _json_flag(closing)
-    add_connection_options(closing)
     closing.set_defaults(func=_close)
 
 

@@ -33,22 +33,28 @@ def ago(value: str | None, now: datetime | None = None) -> str:
     then = datetime.fromisoformat(value)
     seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
     if seconds < 0:
-        return "in " + _span(-seconds)
-    return _span(seconds) + " ago"
+        return "in " + span(-seconds)
+    return span(seconds) + " ago"
 
 
 def until(value: str | None, now: datetime | None = None) -> str:
     if not value:
         return "-"
     seconds = int((datetime.fromisoformat(value) - (now or datetime.now(UTC))).total_seconds())
-    return "expired" if seconds <= 0 else "in " + _span(seconds)
+    return "expired" if seconds <= 0 else "in " + span(seconds)
 
 
-def _span(seconds: int) -> str:
+def span(seconds: int) -> str:
+    """90 -> '1m', 7200 -> '2h': the largest whole unit."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def short_digest(digest: str) -> str:
+    """A release digest as people read it: the first 12 hex digits."""
+    return digest.removeprefix("sha256:")[:12]
 
 
 def format_tags(tags: dict[str, str]) -> str:

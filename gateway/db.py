@@ -1,4 +1,7 @@
-"""Database engine, schema migrations, sessions, and the UTC timestamp column every table uses."""
+"""The database: engine, schema migrations, deadlock retries, the UTC column type of every table.
+
+Requests get their session from `gateway.api.deps`; background work opens `Session(engine)`.
+"""
 
 from __future__ import annotations
 

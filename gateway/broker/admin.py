@@ -1,7 +1,9 @@
-"""What the registry needs from a broker: per-device credentials that it can add and remove.
+"""What the registry needs from a broker, and what it tells machines about it.
 
-The embedded and external Mosquitto implement it with the dynamic-security plugin
-(`gateway.broker.dynsec.DynsecAdmin`).
+`BrokerAdmin`: per-device credentials the registry adds at enrollment and removes at revocation.
+Mosquitto (embedded or external) implements it with its dynamic-security plugin
+(`gateway.broker.dynsec.DynsecAdmin`), EMQX by asking the gateway's HTTP hooks, which read the
+registry (`gateway.broker.emqx.EmqxBrokerAdmin`). `DeviceBrokerInfo`: where machines connect.
 """
 
 from __future__ import annotations

@@ -1,0 +1,78 @@
+"""Options several commands share, as argparse parents, and options that load only when used.
+
+`json_option()` and `connection_options()` go into ``add_parser(..., parents=[...])``
+(`operator()` is both): every command that prints JSON gets the same ``--json``, every operator
+command the same ``--gateway``/``--token`` (from ``EDGEFLEET_GATEWAY``/``EDGEFLEET_TOKEN``).
+`load_options_when_used`
+lets a command's options come from code that should load only when that command runs (the
+gateway's settings need pydantic-settings: ~0.3 s that `edgefleet devices list` need not pay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def json_option() -> argparse.ArgumentParser:
+    """``--json``: one JSON document instead of a table."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="print one JSON document")
+    return parent
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """``--gateway`` and ``--token`` (default: ``EDGEFLEET_GATEWAY``, ``EDGEFLEET_TOKEN``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("gateway connection")
+    group.add_argument(
+        "--gateway",
+        default=os.environ.get("EDGEFLEET_GATEWAY", ""),
+        help="gateway URL (default: $EDGEFLEET_GATEWAY)",
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("EDGEFLEET_TOKEN", ""),
+        help="operator API token (default: $EDGEFLEET_TOKEN)",
+    )
+    return parent
+
+
+def operator() -> list[argparse.ArgumentParser]:
+    """The parents of an operator command that prints a table or JSON: --json, the gateway."""
+    return [json_option(), connection_options()]
+
+
+class _OptionsWhenUsed(argparse.ArgumentParser):
+    """A parser whose options are added the first time it parses or shows its help."""
+
+    _add_options: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def _load(self) -> None:
+        add, self._add_options = self._add_options, None
+        if add is not None:
+            add(self)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._load()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+
+def load_options_when_used(
+    parser: argparse.ArgumentParser, add: Callable[[argparse.ArgumentParser], Any]
+) -> None:
+    """Call `add(parser)` to add `parser`'s options only once it is used (parse, help, usage)."""
+    parser.__class__ = _OptionsWhenUsed
+    parser._add_options = add  # type: ignore[attr-defined]
