@@ -14,46 +14,55 @@ from typing import IO, Any
 
 from edgefleet.client import GatewayClient
 from edgefleet.cmd_operator import client_of
-from edgefleet.options import operator
-from edgefleet.output import CommandError, ago, print_json, print_table, short_digest
+from edgefleet.output import (
+    CommandError,
+    ago,
+    print_table,
+    printed_as_json,
+    short_digest,
+)
+from edgefleet.parsers import Subparsers, command, group, operator
 from provisioning.states import DEPLOY_FAILURES, DeploymentState, DeviceDeployState
 
 SHOWN_FAILURES = 10
 POLL_SECONDS = 0.5
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    _register_deployments(sub)
-
-
-def _register_deployments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    deployments = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    dsub = group(
+        sub,
         "deployments",
         help="flow deployments: their progress, and every device's state",
         description="A deployment sends one release to a set of devices in waves. Device states: "
         + ", ".join(DeviceDeployState)
         + ".",
     )
-    dsub = deployments.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = dsub.add_parser(
-        "list", help="recent deployments with their progress", parents=operator()
+    command(
+        dsub,
+        _deployments_list,
+        "list",
+        help="recent deployments with their progress",
+        parents=operator(),
     )
-    listing.set_defaults(func=_deployments_list)
-    show = dsub.add_parser(
-        "show", help="one deployment and every device's state", parents=operator()
+    show = command(
+        dsub,
+        _deployments_show,
+        "show",
+        help="one deployment and every device's state",
+        parents=operator(),
     )
     show.add_argument("deployment_id", metavar="ID")
     show.add_argument(
         "--follow", action="store_true", help="follow it live until it ends (Ctrl-C detaches)"
     )
-    show.set_defaults(func=_deployments_show)
-    cancel = dsub.add_parser(
+    cancel = command(
+        dsub,
+        _deployments_cancel,
         "cancel",
         help="stop a deployment: no more waves, devices that have not started are cancelled",
         parents=operator(),
     )
     cancel.add_argument("deployment_id", metavar="ID")
-    cancel.set_defaults(func=_deployments_cancel)
 
 
 def exit_for(final: dict[str, Any] | None) -> None:
@@ -133,8 +142,7 @@ def follow(
 
 def _deployments_list(args: argparse.Namespace) -> None:
     items = client_of(args).get("/deployments")
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [
@@ -157,8 +165,7 @@ def _deployments_show(args: argparse.Namespace) -> None:
         exit_for(follow(client, args.deployment_id))
         return
     item = client.get(f"/deployments/{args.deployment_id}")
-    if args.json:
-        print_json(item)
+    if printed_as_json(args, item):
         return
     print(f"deployment   {item['id']} ({item['state']})")
     print(f"release      {item['release']}")
@@ -193,8 +200,7 @@ def _deployments_show(args: argparse.Namespace) -> None:
 
 def _deployments_cancel(args: argparse.Namespace) -> None:
     item = client_of(args).post(f"/deployments/{args.deployment_id}/cancel")
-    if args.json:
-        print_json(item)
+    if printed_as_json(args, item):
         return
     print(
         f"deployment {item['id']} is cancelled; {item['counts'].get('cancelled', 0)} device(s) "

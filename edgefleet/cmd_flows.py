@@ -15,20 +15,16 @@ from typing import Any
 from edgefleet.client import GatewayClient
 from edgefleet.cmd_deployments import exit_for, follow
 from edgefleet.cmd_operator import client_of
-from edgefleet.options import operator
 from edgefleet.output import (
     CommandError,
     ago,
     parse_duration,
     parse_tags,
-    print_json,
     print_table,
+    printed_as_json,
     short_digest,
 )
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    _register_flows(sub)
+from edgefleet.parsers import Subparsers, command, group, operator
 
 
 def _release_options(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +46,9 @@ def _release_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--notes", default="", help="release notes")
 
 
-def _register_flows(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    flows = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    fsub = group(
+        sub,
         "flows",
         help="releases of Node-RED flows, and pushing them to the fleet",
         description="A release is an immutable bundle of a Node-RED flows file and the node "
@@ -64,9 +61,10 @@ def _register_flows(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "  edgefleet flows push 1a2b3c4d --to dev-abc,dev-def --timeout 15m",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fsub = flows.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    release = fsub.add_parser(
+    release = command(
+        fsub,
+        _flows_release,
         "release",
         help="store a flows file (and the modules it needs) as a release",
         description="Validates the flows file, stores it with the listed modules as an "
@@ -76,9 +74,10 @@ def _register_flows(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     release.add_argument("flows_file", type=Path, metavar="FLOWS.json")
     _release_options(release)
-    release.set_defaults(func=_flows_release)
 
-    push = fsub.add_parser(
+    push = command(
+        fsub,
+        _flows_push,
         "push",
         help="send a release (or a flows file) to devices in waves",
         description="Creates a deployment and follows it live (per-state counts, failing devices "
@@ -116,26 +115,29 @@ def _register_flows(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--force", action="store_true", help="overwrite flows changed on a machine (drift)"
     )
     _release_options(push)
-    push.set_defaults(func=_flows_push)
 
-    listing = fsub.add_parser("list", help="the releases, newest first", parents=operator())
-    listing.set_defaults(func=_flows_list)
+    command(fsub, _flows_list, "list", help="the releases, newest first", parents=operator())
 
-    module = fsub.add_parser(
+    msub = group(
+        fsub,
         "module",
+        dest="module_action",
         help="the gateway's node module cache (machines install modules from it)",
         description="Machines never reach a public npm registry: they install node modules from "
         "tarballs the gateway keeps. Make one with `npm pack NAME@VERSION` where a registry is "
         "reachable and add it here; it is stored once, verified by sha256.",
     )
-    msub = module.add_subparsers(dest="module_action", required=True, metavar="ACTION")
-    add = msub.add_parser("add", help="add an `npm pack` tarball to the cache", parents=operator())
-    add.add_argument("tarball", type=Path, metavar="TARBALL")
-    add.set_defaults(func=_module_add)
-    mlist = msub.add_parser(
-        "list", help="the cached modules and the node types they provide", parents=operator()
+    add = command(
+        msub, _module_add, "add", help="add an `npm pack` tarball to the cache", parents=operator()
     )
-    mlist.set_defaults(func=_module_list)
+    add.add_argument("tarball", type=Path, metavar="TARBALL")
+    command(
+        msub,
+        _module_list,
+        "list",
+        help="the cached modules and the node types they provide",
+        parents=operator(),
+    )
 
 
 # ---- releases and modules --------------------------------------------------------------------
@@ -192,8 +194,7 @@ def _make_release(
 
 def _flows_release(args: argparse.Namespace) -> None:
     release = _make_release(client_of(args), args, args.flows_file)
-    if args.json:
-        print_json(release)
+    if printed_as_json(args, release):
         return
     verb = "released" if release["created"] else "already released"
     print(release["digest"])
@@ -206,8 +207,7 @@ def _flows_release(args: argparse.Namespace) -> None:
 
 def _flows_list(args: argparse.Namespace) -> None:
     items = client_of(args).get("/flows/releases")
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [
@@ -224,8 +224,7 @@ def _flows_list(args: argparse.Namespace) -> None:
 
 def _module_add(args: argparse.Namespace) -> None:
     added = _add_tarball(client_of(args), args.tarball)
-    if args.json:
-        print_json(added)
+    if printed_as_json(args, added):
         return
     verb = "added" if added["created"] else "already cached"
     print(
@@ -236,8 +235,7 @@ def _module_add(args: argparse.Namespace) -> None:
 
 def _module_list(args: argparse.Namespace) -> None:
     items = client_of(args).get("/flows/modules")
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [m["name"], m["version"], m["size"], ", ".join(m["node_types"]) or "-", m["sha256"][:12]]
@@ -285,8 +283,7 @@ def _flows_push(args: argparse.Namespace) -> None:
             raise CommandError("--module and --module-tarball go with a flows file, not a release")
         body["release"] = args.release
     deployment = client.post("/deployments", json=body)
-    if args.json:
-        print_json(deployment)
+    if printed_as_json(args, deployment):
         return
     print(
         f"deployment {deployment['id']}: release {short_digest(deployment['release'])} to "

@@ -12,19 +12,21 @@ import types
 import typing
 from typing import Any
 
-from edgefleet.options import load_options_when_used
-from edgefleet.output import CommandError, parse_duration, print_json, span
+from edgefleet.output import CommandError, make_settings, parse_duration, printed_as_json, span
+from edgefleet.parsers import Subparsers, command, group, load_options_when_used
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    gateway = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    gsub = group(
+        sub,
         "gateway",
         help="run the manufacturer-side gateway",
         description="The gateway keeps the device registry, runs (or connects to) the MQTT broker "
         "and serves the HTTP API.",
     )
-    gsub = gateway.add_subparsers(dest="action", required=True, metavar="ACTION")
-    run = gsub.add_parser(
+    run = command(
+        gsub,
+        _run,
         "run",
         help="start the gateway in the foreground",
         description="Start the gateway. On its embedded defaults it keeps SQLite and a Mosquitto "
@@ -37,14 +39,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     load_options_when_used(run, _run_options)
-    run.set_defaults(func=_run)
 
-    admin = sub.add_parser(
+    asub = group(
+        sub,
         "admin",
         help="local administration on the gateway host (talks to the database directly)",
     )
-    asub = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = asub.add_parser(
+    create = command(
+        asub,
+        _create_token,
         "create-token",
         help="make an operator API token (the first one comes from here)",
         description="Create an operator API token directly in the database. Roles: viewer (read), "
@@ -54,7 +57,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
     create.add_argument("--name", default="admin", help="who or what the token is for")
     load_options_when_used(create, _create_token_options)
-    create.set_defaults(func=_create_token)
 
 
 def _duration(text: str) -> int:
@@ -134,17 +136,11 @@ def _value_type(annotation: Any) -> Any:
 
 
 def _settings(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> Any:
-    from pydantic import ValidationError
-
     from gateway.settings import GatewaySettings
 
     names = [name for name, _field, _flag in flagged_settings(only)]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    try:
-        return GatewaySettings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CommandError(f"bad setting: {problems}", 2) from exc
+    return make_settings(GatewaySettings, overrides)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -179,7 +175,7 @@ def _create_token(args: argparse.Namespace) -> None:
         raise CommandError(str(exc), 2) from exc
     finally:
         engine.dispose()
-    if args.json:
-        print_json({"id": row.id, "name": row.name, "role": str(row.role), "token": issued.token})
-    else:
+    if not printed_as_json(
+        args, {"id": row.id, "name": row.name, "role": str(row.role), "token": issued.token}
+    ):
         print(issued.token)

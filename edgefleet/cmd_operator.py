@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from edgefleet.client import GatewayClient
-from edgefleet.options import operator
 from edgefleet.output import (
     CommandError,
     ago,
@@ -16,8 +15,10 @@ from edgefleet.output import (
     parse_tags,
     print_json,
     print_table,
+    printed_as_json,
     until,
 )
+from edgefleet.parsers import Subparsers, command, group, operator
 from provisioning.states import CommandState
 
 #: A ping is answered once the command is in one of these.
@@ -28,22 +29,24 @@ def client_of(args: argparse.Namespace) -> GatewayClient:
     return GatewayClient(args.gateway, args.token)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subparsers) -> None:
     _register_tokens(sub)
     _register_devices(sub)
     _register_audit(sub)
 
 
-def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tokens = sub.add_parser(
+def _register_tokens(sub: Subparsers) -> None:
+    tsub = group(
+        sub,
         "token",
         help="provisioning tokens that enroll new machines",
         description="Provisioning tokens enroll new machines. A token is random, stored only as "
         "a hash, expires, counts its uses and gives its tags to every machine it enrolls.",
         epilog="example: edgefleet token create --tag site=plant-3 --ttl 1h --uses 5",
     )
-    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = tsub.add_parser("create", help="make a token (printed once)", parents=operator())
+    create = command(
+        tsub, _token_create, "create", help="make a token (printed once)", parents=operator()
+    )
     create.add_argument(
         "--tag",
         action="append",
@@ -54,16 +57,17 @@ def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument("--ttl", default="1h", help="how long it may be used (e.g. 30m, 1h, 7d)")
     create.add_argument("--uses", type=int, default=1, help="how many machines it may enroll")
     create.add_argument("--note", default="", help="a note for the token list")
-    create.set_defaults(func=_token_create)
-    listing = tsub.add_parser(
-        "list", help="list tokens with their state and uses", parents=operator()
+    command(
+        tsub, _token_list, "list", help="list tokens with their state and uses", parents=operator()
     )
-    listing.set_defaults(func=_token_list)
-    revoke = tsub.add_parser(
-        "revoke", help="stop a token from enrolling more machines", parents=operator()
+    revoke = command(
+        tsub,
+        _token_revoke,
+        "revoke",
+        help="stop a token from enrolling more machines",
+        parents=operator(),
     )
     revoke.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (pt-...)")
-    revoke.set_defaults(func=_token_revoke)
 
 
 def _token_create(args: argparse.Namespace) -> None:
@@ -74,8 +78,7 @@ def _token_create(args: argparse.Namespace) -> None:
         "note": args.note,
     }
     created = client_of(args).post("/provisioning-tokens", json=body)
-    if args.json:
-        print_json(created)
+    if printed_as_json(args, created):
         return
     print(created["token"])
     print(
@@ -102,36 +105,36 @@ def _token_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
 
 def _token_list(args: argparse.Namespace) -> None:
     items = client_of(args).get("/provisioning-tokens")
-    if args.json:
-        print_json(items)
-    else:
+    if not printed_as_json(args, items):
         print_table(["ID", "STATE", "USES", "EXPIRES", "TAGS", "NOTE"], _token_rows(items))
 
 
 def _token_revoke(args: argparse.Namespace) -> None:
     item = client_of(args).delete(f"/provisioning-tokens/{args.token_id}")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"token {item['id']} is {item['state']}")
 
 
-def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    devices = sub.add_parser(
+def _register_devices(sub: Subparsers) -> None:
+    dsub = group(
+        sub,
         "devices",
         help="the machines in the registry",
         description="List, show and revoke enrolled machines.",
     )
-    dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = dsub.add_parser(
-        "list", help="every machine with tags, online state, last seen", parents=operator()
+    listing = command(
+        dsub,
+        _devices_list,
+        "list",
+        help="every machine with tags, online state, last seen",
+        parents=operator(),
     )
     listing.add_argument("--all", action="store_true", help="include revoked machines")
-    listing.set_defaults(func=_devices_list)
-    show = dsub.add_parser("show", help="one machine in full", parents=operator())
+    show = command(dsub, _devices_show, "show", help="one machine in full", parents=operator())
     show.add_argument("device_id", metavar="DEVICE_ID")
-    show.set_defaults(func=_devices_show)
-    ping = dsub.add_parser(
+    ping = command(
+        dsub,
+        _devices_ping,
         "ping",
         help="send a signed ping and wait for the machine to answer",
         description="Checks the whole command path: the gateway signs a command, the broker "
@@ -141,21 +144,20 @@ def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     ping.add_argument("device_id", metavar="DEVICE_ID")
     ping.add_argument("--timeout", default="10s", help="how long to wait (default 10s)")
-    ping.set_defaults(func=_devices_ping)
-    revoke = dsub.add_parser(
+    revoke = command(
+        dsub,
+        _devices_revoke,
         "revoke",
         help="take a machine out: disconnect it, remove its credential, refuse its JWTs",
         parents=operator(),
     )
     revoke.add_argument("device_id", metavar="DEVICE_ID")
-    revoke.set_defaults(func=_devices_revoke)
 
 
 def _devices_list(args: argparse.Namespace) -> None:
     params = {"include_revoked": "true"} if args.all else None
     items = client_of(args).get("/devices", params=params)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [
@@ -173,8 +175,7 @@ def _devices_list(args: argparse.Namespace) -> None:
 
 def _devices_show(args: argparse.Namespace) -> None:
     item = client_of(args).get(f"/devices/{args.device_id}")
-    if args.json:
-        print_json(item)
+    if printed_as_json(args, item):
         return
     for key, value in item.items():
         shown = format_tags(value) if key == "tags" else ("-" if value is None else value)
@@ -207,14 +208,14 @@ def _devices_ping(args: argparse.Namespace) -> None:
 
 def _devices_revoke(args: argparse.Namespace) -> None:
     item = client_of(args).post(f"/devices/{args.device_id}/revoke")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"device {item['id']} ({item['name']}) is revoked: disconnected, credential removed")
 
 
-def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = sub.add_parser(
+def _register_audit(sub: Subparsers) -> None:
+    audit = command(
+        sub,
+        _audit,
         "audit",
         help="who did what to which machine",
         description="The audit log: enrollments, revocations, token changes, deployments, "
@@ -224,7 +225,6 @@ def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--action", help="only this action, e.g. device.revoke")
     audit.add_argument("--target", help="only events about this device or token id")
-    audit.set_defaults(func=_audit)
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -234,8 +234,7 @@ def _audit(args: argparse.Namespace) -> None:
     if args.target:
         params["target"] = args.target
     items = client_of(args).get("/audit", params=params)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [

@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.client import GatewayClient
-from edgefleet.options import operator
-from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table, until
+from edgefleet.output import (
+    CommandError,
+    ago,
+    parse_duration,
+    print_table,
+    printed_as_json,
+    until,
+)
+from edgefleet.parsers import Subparsers, command, group, operator
 from provisioning.states import TUNNEL_FINAL
 
 #: The gateway answers an open once the machine is up or after its open timeout (20 s by
@@ -34,8 +41,9 @@ def _port(text: str) -> int:
     return port
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tunnel = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    tsub = group(
+        sub,
         "tunnel",
         help="support tunnels: WireGuard access to one machine for a while",
         description="A support tunnel lets one engineer reach one machine on a few ports until it "
@@ -43,9 +51,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "gateway's hub and the machine itself both allow only the engineer, only those ports. "
         "Every open, first handshake, close and expiry is in the audit log.",
     )
-    tsub = tunnel.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    opening = tsub.add_parser(
+    opening = command(
+        tsub,
+        _open,
         "open",
         help="open a tunnel and write your WireGuard config",
         description="Make a WireGuard key pair here, ask the gateway for a tunnel to DEVICE and "
@@ -83,21 +92,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="where to write the WireGuard config (default ./TUNNEL_ID.conf, usable with wg-quick)",
     )
-    opening.set_defaults(func=_open)
 
-    listing = tsub.add_parser(
-        "list", help="tunnels with state, time left and handshake age", parents=operator()
+    listing = command(
+        tsub,
+        _list,
+        "list",
+        help="tunnels with state, time left and handshake age",
+        parents=operator(),
     )
     listing.add_argument("--all", action="store_true", help="also closed, expired and failed ones")
     listing.add_argument("--device", metavar="DEVICE", help="only this machine's tunnels")
-    listing.set_defaults(func=_list)
 
-    closing = tsub.add_parser(
-        "close", help="close a tunnel now, on the hub and on the machine", parents=operator()
+    closing = command(
+        tsub,
+        _close,
+        "close",
+        help="close a tunnel now, on the hub and on the machine",
+        parents=operator(),
     )
     closing.add_argument("tunnel_id", metavar="TUNNEL_ID")
     closing.add_argument("--reason", default="", help="why (kept in the audit log)")
-    closing.set_defaults(func=_close)
 
 
 def _check_writable(path: Path) -> None:
@@ -147,8 +161,7 @@ def _open(args: argparse.Namespace) -> None:
     except OSError as exc:
         client.post(f"/tunnels/{tunnel['id']}/close", json={"reason": "config not written"})
         raise CommandError(f"could not write {path}: {exc}; the tunnel was closed again") from exc
-    if args.json:
-        print_json(tunnel | {"config_path": str(path.resolve())})
+    if printed_as_json(args, tunnel | {"config_path": str(path.resolve())}):
         return
     ports = ", ".join(str(p) for p in tunnel["ports"])
     print(
@@ -182,8 +195,7 @@ def _list(args: argparse.Namespace) -> None:
     if args.device:
         params["device_id"] = args.device
     items = GatewayClient(args.gateway, args.token).get("/tunnels", params=params)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     headers = ["ID", "DEVICE", "STATE", "DEVICE IP", "PORTS", "TIME LEFT", "HANDSHAKE", "BY"]
     print_table([*headers, "REASON"], [_row(t) for t in items])
@@ -192,8 +204,7 @@ def _list(args: argparse.Namespace) -> None:
 def _close(args: argparse.Namespace) -> None:
     client = GatewayClient(args.gateway, args.token)
     item = client.post(f"/tunnels/{args.tunnel_id}/close", json={"reason": args.reason})
-    if args.json:
-        print_json(item)
+    if printed_as_json(args, item):
         return
     if item["state"] == "closing":
         print(f"tunnel {item['id']} is closing; the hub has not confirmed yet")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -24,6 +27,14 @@ def fail(message: str, exit_code: int = 1) -> NoReturn:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def printed_as_json(args: argparse.Namespace, data: Any) -> bool:
+    """With ``--json``, print `data` as one JSON document; whether it did."""
+    if getattr(args, "json", False):
+        print_json(data)
+        return True
+    return False
 
 
 def ago(value: str | None, now: datetime | None = None) -> str:
@@ -71,6 +82,19 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def make_settings(cls: Callable[..., T], overrides: Mapping[str, Any]) -> T:
+    """`cls(**overrides)` (a settings class), or the exit-2 error that names each bad setting.
+
+    pydantic loads only here, when a command that needs settings runs."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"bad setting: {problems}", 2) from exc
 
 
 def parse_duration(text: str) -> int:

@@ -114,12 +114,10 @@ class GatewaySettings(BaseSettings):
     tunnel_mtu: Annotated[int, Flag(metavar="MTU", group=TUNNELS)] = Field(
         default=1280, ge=576, le=65535, description="default {default}"
     )
-    tunnel_max_ttl: Annotated[int, Flag(metavar="DURATION", group=TUNNELS, duration=True)] = (
-        Field(
-            default=12 * 3600,
-            gt=0,
-            description="longest tunnel an operator may open, e.g. 4h (default {default})",
-        )
+    tunnel_max_ttl: Annotated[int, Flag(metavar="DURATION", group=TUNNELS, duration=True)] = Field(
+        default=12 * 3600,
+        gt=0,
+        description="longest tunnel an operator may open, e.g. 4h (default {default})",
     )
     tunnel_open_timeout: float = Field(
         default=20.0, gt=0, le=600, description="How long an open waits for the machine."

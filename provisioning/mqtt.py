@@ -8,6 +8,8 @@
 - `QueueWorker`: "paho's network thread enqueues, a writer thread stores". paho runs callbacks
   on its network thread, which must never wait; listeners put what they receive on the worker's
   queue and the worker hands it to them in groups, on a thread of its own.
+- `Listener`: a client and a `QueueWorker` together, for the gateway's listeners that subscribe
+  on every connection and store ``(topic, payload)`` groups (replies, statuses).
 
 Nothing here logs or copies per message: `QueueWorker.put` is the queue's own ``put``, so the
 telemetry ingest's hot path costs what it did before there was a shared layer.
@@ -236,3 +238,70 @@ class QueueWorker(Generic[T]):
                 self._handle(taken)
             except Exception:
                 log.exception("%s: handling %d items failed", self._thread.name, len(taken))
+
+
+Received = tuple[str, bytes]
+"""A message as a listener keeps it: its topic and payload."""
+
+
+class Listener:
+    """Subscribes on every connection and hands what arrives to `store`, in groups, on a writer
+    thread (a `QueueWorker` of `max_group`; paho's thread waits when `maxsize` are queued).
+
+    A subclass says what to subscribe to (`subscribe`), which messages to keep (`wanted`) and
+    how to store a group (`store`). `stop` stores what was received before it returns.
+    """
+
+    max_group = 500
+    maxsize = 100_000
+
+    def __init__(self, endpoint: MqttEndpoint, role: str, name: str) -> None:
+        self.name = name
+        self._endpoint = endpoint
+        self._writer: QueueWorker[Received] = QueueWorker(
+            f"{role}-writer", self.store, max_group=self.max_group, maxsize=self.maxsize
+        )
+        self._connected = threading.Event()
+        self._client = make_client(
+            endpoint, unique_client_id(role), name=name, on_connected=self._on_connected
+        )
+        self._client.on_message = self._on_message
+
+    def subscribe(self, client: mqtt.Client) -> None:
+        raise NotImplementedError
+
+    def wanted(self, msg: mqtt.MQTTMessage) -> bool:
+        """Whether to keep a message (paho's thread: decide at once)."""
+        return True
+
+    def store(self, group: list[Received]) -> None:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start writing and connect; returns once subscribed, or after `timeout` (then it keeps
+        trying in the background)."""
+        self._writer.start()
+        start_client(self._client, self._endpoint)
+        if not self._connected.wait(timeout):
+            log.warning("%s not connected to the broker yet; it keeps trying", self.name)
+
+    def stop(self) -> None:
+        """Disconnect, then store what was received (a `store` waiting to retry ends)."""
+        stop_client(self._client)
+        self._writer.stop(drain=True, timeout=5)
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self._writer.stopping
+
+    def backlog(self) -> int:
+        """Messages received and waiting for the writer."""
+        return self._writer.qsize()
+
+    def _on_connected(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
+        self.subscribe(client)
+        self._connected.set()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.wanted(msg):
+            self._writer.put((msg.topic, bytes(msg.payload)))

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -106,18 +106,12 @@ class DeployerStore:
 
     def result(self, deployment_id: str) -> DeployResult | None:
         """The stored result of a deployment id, if it ran on this machine before."""
-        path = self._result_path(deployment_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return DeployResult.model_validate_json(data)
-        except ValidationError as exc:
-            raise RuntimeError(
-                f"stored deployment result {path} is unreadable ({exc.error_count()} errors); "
-                "move it away to let the deployment run again"
-            ) from exc
+        return _read(
+            self._result_path(deployment_id),
+            DeployResult,
+            "stored deployment result {path} is unreadable ({errors} errors); move it away to "
+            "let the deployment run again",
+        )
 
     def save_result(self, result: DeployResult) -> None:
         """Keep a result (the oldest beyond `max_results` go)."""
@@ -132,18 +126,27 @@ class DeployerStore:
 
     def load(self) -> DeployerState | None:
         """The stored state, None before the first deploy; an unreadable file is an error."""
-        path = self.state_dir / _STATE_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return DeployerState.model_validate_json(data)
-        except ValidationError as exc:
-            raise RuntimeError(
-                f"deployer state {path} is unreadable ({exc.error_count()} errors); it holds "
-                "the last-known-good flows, so it was not overwritten; repair or remove it"
-            ) from exc
+        return _read(
+            self.state_dir / _STATE_FILE,
+            DeployerState,
+            "deployer state {path} is unreadable ({errors} errors); it holds the last-known-good "
+            "flows, so it was not overwritten; repair or remove it",
+        )
 
     def save(self, state: DeployerState) -> None:
         write_private(self.state_dir / _STATE_FILE, state.model_dump_json().encode("utf-8"))
+
+
+Stored = TypeVar("Stored", bound=BaseModel)
+
+
+def _read(path: Path, model: type[Stored], unreadable: str) -> Stored | None:
+    """The file as `model`; None when there is none; RuntimeError(`unreadable`) when it is bad."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise RuntimeError(unreadable.format(path=path, errors=exc.error_count())) from exc

@@ -12,9 +12,7 @@ deployment's device state.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
@@ -24,14 +22,7 @@ from sqlmodel import Session, col, select
 
 from gateway.commands.models import CommandRecord
 from gateway.db import is_deadlock, utcnow
-from provisioning.mqtt import (
-    MqttEndpoint,
-    QueueWorker,
-    make_client,
-    start_client,
-    stop_client,
-    unique_client_id,
-)
+from provisioning.mqtt import Listener, MqttEndpoint, Received
 from provisioning.states import FINAL_COMMAND_STATES, CommandKind
 from provisioning.wire import Reply, Topics
 
@@ -96,11 +87,11 @@ def superseding(replies: list[tuple[str, Reply]]) -> list[tuple[str, Reply]]:
     return [replies[index] for index in sorted(keep.values())]
 
 
-class ReplyListener:
+class ReplyListener(Listener):
     """Reads ``$share/gateway/{prefix}/+/reply`` and stores the replies off the network thread.
 
     The writer (`provisioning.mqtt.QueueWorker`) takes every reply queued meanwhile (up to
-    `MAX_GROUP`) and stores them in one transaction: a rollout to a thousand machines brings
+    `max_group`) and stores them in one transaction: a rollout to a thousand machines brings
     thousands of progress replies within seconds, and one transaction each would make this single
     writer the bottleneck of a push (bench/flow_push_bench.py measures it). Of the replies about
     one command in one group only the one that decides the outcome is stored (`superseding`). If
@@ -109,47 +100,19 @@ class ReplyListener:
     with backoff, nothing dropped.
     """
 
-    MAX_GROUP = 500
-
     def __init__(
         self, endpoint: MqttEndpoint, engine: Engine, topics: Topics, hooks: ReplyHooks
     ) -> None:
+        super().__init__(endpoint, "reply", "reply listener")
         self._engine = engine
         self._topics = topics
         self._hooks = hooks
-        self._endpoint = endpoint
-        self._writer: QueueWorker[tuple[str, bytes]] = QueueWorker(
-            "reply-writer", self._store_received, max_group=self.MAX_GROUP, maxsize=100_000
-        )
-        self._connected = threading.Event()
-        self._client = make_client(
-            endpoint, unique_client_id("reply"), name="reply listener", on_connected=self._subscribe
-        )
-        self._client.on_message = self._on_message
         self.processed = 0  # replies handled (stored or refused), for metrics and tests
 
-    def start(self, timeout: float = 10.0) -> None:
-        self._writer.start()
-        start_client(self._client, self._endpoint)
-        self._connected.wait(timeout)
-
-    def stop(self) -> None:
-        """Disconnect, then store what was received (a retry wait for the database ends)."""
-        stop_client(self._client)
-        self._writer.stop(drain=True, timeout=5)
-
-    def _subscribe(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
+    def subscribe(self, client: mqtt.Client) -> None:
         client.subscribe(self._topics.shared("reply"), qos=1)
-        self._connected.set()
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._writer.put((msg.topic, bytes(msg.payload)))
-
-    def backlog(self) -> int:
-        """Replies received and waiting for the writer."""
-        return self._writer.qsize()
-
-    def _store_received(self, group: list[tuple[str, bytes]]) -> None:
+    def store(self, group: list[Received]) -> None:
         self._store_group(self._parse(group))
         self.processed += len(group)
 
@@ -193,7 +156,7 @@ class ReplyListener:
                 log.error(
                     "cannot store %d replies (%s); retrying in %.1fs", len(replies), reason, delay
                 )
-                if self._writer.stopping.wait(delay):
+                if self.stopping.wait(delay):
                     log.error("stopping: %d replies not stored", len(replies))
                     return
                 delay = min(30.0, delay * 2)

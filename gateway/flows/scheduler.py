@@ -81,6 +81,10 @@ class TickReport:
         )
 
 
+#: What undoing a device's claim resets (its command was never published).
+_UNCLAIMED: Final = {"state": DeviceDeployState.pending, "sent_at": None, "deadline_at": None}
+
+
 def _table(model: Any) -> sa.Table:
     table: sa.Table = model.__table__
     return table
@@ -153,16 +157,7 @@ class RolloutScheduler:
                 log.warning(
                     "undoing a claim on %s/%s that was never sent", deployment_id, device_id
                 )
-                session.execute(
-                    sa.update(table)
-                    .where(*where)
-                    .values(
-                        state=DeviceDeployState.pending,
-                        sent_at=None,
-                        deadline_at=None,
-                        updated_at=now,
-                    )
-                )
+                session.execute(sa.update(table).where(*where).values(**_UNCLAIMED, updated_at=now))
         session.commit()
 
     def _expire(self, session: Session, now: datetime, report: TickReport) -> None:
@@ -425,12 +420,7 @@ class RolloutScheduler:
                 table.c.device_id.in_(unsent),
                 table.c.state == DeviceDeployState.sent,
             )
-            .values(
-                state=DeviceDeployState.pending,
-                sent_at=None,
-                deadline_at=None,
-                updated_at=now,
-            )
+            .values(**_UNCLAIMED, updated_at=now)
         )
         session.commit()
         log.warning(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -19,14 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from gateway.registry.devices import record_status
-from provisioning.mqtt import (
-    MqttEndpoint,
-    QueueWorker,
-    make_client,
-    start_client,
-    stop_client,
-    unique_client_id,
-)
+from provisioning.mqtt import Listener, MqttEndpoint, Received
 from provisioning.wire import DeviceStatus, Topics
 
 log = logging.getLogger(__name__)
@@ -34,34 +26,13 @@ _SHARED, _RETAINED = 1, 2
 _RETAINED_PASS_SECONDS = 10.0
 
 
-class StatusListener:
+class StatusListener(Listener):
     def __init__(self, endpoint: MqttEndpoint, engine: Engine, topics: Topics) -> None:
+        super().__init__(endpoint, "status", "status listener")
         self._engine = engine
         self._topics = topics
-        self._endpoint = endpoint
-        self._writer: QueueWorker[tuple[str, bytes]] = QueueWorker(
-            "status-writer", self._store_all, max_group=500, maxsize=100_000
-        )
-        self._connected = threading.Event()
-        self._client = make_client(
-            endpoint,
-            unique_client_id("status"),
-            name="status listener",
-            on_connected=self._subscribe,
-        )
-        self._client.on_message = self._on_message
 
-    def start(self, timeout: float = 10.0) -> None:
-        self._writer.start()
-        start_client(self._client, self._endpoint)
-        if not self._connected.wait(timeout):
-            log.warning("status listener not connected to the broker yet; it keeps trying")
-
-    def stop(self) -> None:
-        stop_client(self._client)
-        self._writer.stop(drain=True, timeout=5)
-
-    def _subscribe(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
+    def subscribe(self, client: mqtt.Client) -> None:
         client.subscribe(self._topics.shared("status"), qos=1, properties=_sub_id(_SHARED))
         # One pass over the retained statuses; the shared subscription carries the live ones.
         client.subscribe(self._topics.all_of("status"), qos=1, properties=_sub_id(_RETAINED))
@@ -70,14 +41,12 @@ class StatusListener:
         )
         timer.daemon = True
         timer.start()
-        self._connected.set()
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def wanted(self, msg: mqtt.MQTTMessage) -> bool:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) or []
-        if _SHARED in ids or (msg.retain and _RETAINED in ids):
-            self._writer.put((msg.topic, bytes(msg.payload)))
+        return _SHARED in ids or (msg.retain and _RETAINED in ids)
 
-    def _store_all(self, group: list[tuple[str, bytes]]) -> None:
+    def store(self, group: list[Received]) -> None:
         for topic, payload in group:
             try:
                 self._store(topic, payload)

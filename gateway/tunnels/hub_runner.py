@@ -34,7 +34,7 @@ from gateway.errors import HubConflictError, Unavailable
 from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels import states
-from gateway.tunnels.lifecycle import begin_close, finalize, send_device_closes, transition
+from gateway.tunnels.lifecycle import fail, finalize, send_device_closes, transition
 from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
 from gateway.tunnels.states import TunnelFailure
@@ -201,17 +201,7 @@ class HubRunner:
 
     def _fail(self, row: TunnelRecord, failure: str, reason: str) -> None:
         with Session(self.runtime.engine, expire_on_commit=False) as session:
-            begin_close(
-                session,
-                row,
-                final_state=TunnelState.failed,
-                reason=reason,
-                actor="gateway",
-                now=utcnow(),
-                failure=failure,
-                from_states=(TunnelState.dialing,),
-            )
-            session.commit()
+            fail(session, row, failure, reason, from_states=(TunnelState.dialing,))
 
     def _add(self, row: TunnelRecord) -> None:
         with Session(self.runtime.engine, expire_on_commit=False) as session:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from gateway.commands.sender import issue
+from gateway.db import utcnow
 from gateway.errors import Unavailable
 from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
@@ -144,6 +145,28 @@ def begin_close(
         closed_by=actor,
         failure=failure,
     )
+
+
+def fail(
+    session: Session,
+    tunnel: TunnelRecord,
+    failure: str,
+    reason: str,
+    from_states: Iterable[str],
+) -> bool:
+    """The gateway ends a tunnel that did not open (`begin_close` as `failed`), and commits."""
+    changed = begin_close(
+        session,
+        tunnel,
+        final_state=TunnelState.failed,
+        reason=reason,
+        actor="gateway",
+        now=utcnow(),
+        failure=failure,
+        from_states=from_states,
+    )
+    session.commit()
+    return changed
 
 
 def send_device_closes(session: Session, runtime: GatewayRuntime, now: datetime) -> int:

@@ -36,7 +36,7 @@ from gateway.registry import audit, devices
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels import addresses, states
 from gateway.tunnels.addresses import AddressRaceError
-from gateway.tunnels.lifecycle import begin_close, finalize
+from gateway.tunnels.lifecycle import begin_close, fail, finalize
 from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.states import TunnelFailure
 from gateway.tunnels.wireguard.pool import PoolExhaustedError, parse_network
@@ -312,18 +312,7 @@ def deadline_reason(tunnel: TunnelRecord, session: Session) -> tuple[str, str]:
 def fail_if_late(session: Session, runtime: GatewayRuntime, tunnel: TunnelRecord) -> bool:
     """End a tunnel still opening past its deadline; whether this call did."""
     failure, reason = deadline_reason(tunnel, session)
-    changed = begin_close(
-        session,
-        tunnel,
-        final_state=TunnelState.failed,
-        reason=reason,
-        actor="gateway",
-        now=utcnow(),
-        failure=failure,
-        from_states=(tunnel.state,),
-    )
-    session.commit()
-    return changed
+    return fail(session, tunnel, failure, reason, from_states=(tunnel.state,))
 
 
 def open_error(tunnel: TunnelRecord) -> GatewayError:

@@ -1,11 +1,13 @@
-"""Options several commands share, as argparse parents, and options that load only when used.
+"""How commands are declared: groups of commands, commands, the options several of them share,
+and options that load only when used.
 
-`json_option()` and `connection_options()` go into ``add_parser(..., parents=[...])``
-(`operator()` is both): every command that prints JSON gets the same ``--json``, every operator
-command the same ``--gateway``/``--token`` (from ``EDGEFLEET_GATEWAY``/``EDGEFLEET_TOKEN``).
-`load_options_when_used`
-lets a command's options come from code that should load only when that command runs (the
-gateway's settings need pydantic-settings: ~0.3 s that `edgefleet devices list` need not pay).
+`group` and `command` are argparse's own calls with what every edgefleet command does the same
+way (an ACTION for a group, the function that runs a command). `json_option()` and
+`connection_options()` go into ``parents=[...]`` (`operator()` is both): every command that
+prints JSON gets the same ``--json``, every operator command the same ``--gateway``/``--token``
+(from ``EDGEFLEET_GATEWAY``/``EDGEFLEET_TOKEN``). `load_options_when_used` lets a command's
+options come from code that should load only when that command runs (the gateway's settings
+need pydantic-settings: ~0.3 s that `edgefleet devices list` need not pay).
 """
 
 from __future__ import annotations
@@ -13,7 +15,27 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers = argparse._SubParsersAction
+
+
+def group(sub: Subparsers, name: str, *, dest: str = "action", **kwargs: Any) -> Subparsers:
+    """A command with sub-commands (``edgefleet NAME ACTION``); its sub-commands' parent."""
+    parser = sub.add_parser(name, **kwargs)
+    return parser.add_subparsers(dest=dest, required=True, metavar="ACTION")
+
+
+def command(
+    sub: Subparsers, run: Callable[[argparse.Namespace], None], name: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A command that calls `run(args)`; add its arguments to the parser it returns."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def json_option() -> argparse.ArgumentParser:
