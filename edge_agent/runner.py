@@ -79,6 +79,7 @@ class Agent:
         self._stopped = threading.Event()
         self.connected = threading.Event()
         self._node_red_version_seen: str | None = None
+        self._node_red_probed = False
         broker = self.identity.enrollment.broker
         self.endpoint = MqttEndpoint(
             host=self.identity.broker_host,
@@ -141,6 +142,7 @@ class Agent:
             state="online" if state == "online" else "offline",
             agent_version=__version__,
             node_red_version=self._node_red_version_seen,
+            node_red_up=self._node_red_up(),
             ts=time.time(),
             **extra,
         )
@@ -151,12 +153,17 @@ class Agent:
             retain=True,
         )
 
+    def _node_red_up(self) -> bool | None:
+        """Whether Node-RED answered the last probe (None before the first)."""
+        return self._node_red_version_seen is not None if self._node_red_probed else None
+
     def _watch_node_red(self) -> None:
         """Probe Node-RED's version off the network thread; republish the status on a change."""
         while not self._stopped.is_set():
             version = self._node_red_version()
-            if version != self._node_red_version_seen:
+            if version != self._node_red_version_seen or not self._node_red_probed:
                 self._node_red_version_seen = version
+                self._node_red_probed = True
                 if self.connected.is_set():
                     self.publish_status()
             self._stopped.wait(30)

@@ -42,12 +42,21 @@ class AgentState:
     def enrolled(self) -> bool:
         return self.identity_path.exists() and self.key_path.exists()
 
+    @property
+    def claim_code_path(self) -> Path:
+        """A machine enrolled into stock: its claim code, for the label (mode 0600)."""
+        return self.directory / "claim-code.txt"
+
     def save(self, gateway_url: str, response: EnrollResponse) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if response.broker.ca_cert:
             write_private(self.ca_path, response.broker.ca_cert)
-        record = {"gateway_url": gateway_url, **response.model_dump()}
+        record = {"gateway_url": gateway_url, **response.model_dump(exclude={"claim_code"})}
         write_private(self.identity_path, json.dumps(record, indent=2))
+        if response.claim_code:
+            write_private(self.claim_code_path, response.claim_code + "\n")
+        else:
+            self.claim_code_path.unlink(missing_ok=True)
 
     def load(self) -> Identity:
         if not self.enrolled:

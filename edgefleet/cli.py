@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from edgefleet import (
+    cmd_accounts,
     cmd_agent,
     cmd_deployments,
     cmd_flows,
@@ -30,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         "machine, push flows to the fleet, open a support tunnel.",
         epilog="first steps:\n"
         "  edgefleet gateway run --data-dir ./gw                 # on the gateway host\n"
-        "  export EDGEFLEET_TOKEN=$(edgefleet admin create-token --role admin --data-dir ./gw)\n"
         "  export EDGEFLEET_GATEWAY=http://gateway-host:8080\n"
+        "  export EDGEFLEET_TOKEN=$(edgefleet admin create-token --data-dir ./gw)  # bootstrap\n"
+        "  edgefleet users create me@example.com --role admin --password-stdin < pw\n"
+        "  unset EDGEFLEET_TOKEN; edgefleet login --email me@example.com\n"
         "  edgefleet token create --tag site=plant-3 --ttl 1h   # a provisioning token\n"
         "  edgefleet agent enroll --gateway URL --token TOKEN  # on the machine\n"
         "  edgefleet agent run                                  # on the machine\n"
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_gateway.register(sub)
     cmd_agent.register(sub)
     cmd_operator.register(sub)
+    cmd_accounts.register(sub)
     cmd_tunnel.register(sub)
     cmd_flows.register(sub)
     cmd_deployments.register(sub)

@@ -17,8 +17,8 @@ class GatewayClient:
             )
         if not token:
             raise CommandError(
-                "no API token given: set EDGEFLEET_TOKEN (from `edgefleet admin create-token`) "
-                "or pass --token",
+                "no API token given: log in (edgefleet login --gateway URL --email EMAIL), set "
+                "EDGEFLEET_TOKEN or pass --token",
                 2,
             )
         self.base_url = base_url.rstrip("/")
@@ -32,14 +32,33 @@ class GatewayClient:
             verify=httpx.URL(self.base_url).scheme != "http",
         )
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._client.request(method, "/api/v1" + path, **kwargs)
         except httpx.TransportError as exc:
             raise CommandError(f"cannot reach the gateway at {self.base_url}: {exc}") from exc
         if response.is_success:
-            return response.json() if response.content else None
+            return response
         raise CommandError(f"gateway said {response.status_code}: {_detail(response)}")
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def get_all(
+        self, path: str, params: dict[str, Any] | None = None, limit: int | None = None
+    ) -> list[Any]:
+        """Every item of a paginated list (following X-Next-Cursor), or the first `limit`."""
+        items: list[Any] = []
+        query = dict(params or {})
+        while True:
+            query["limit"] = min(500, limit - len(items)) if limit else 500
+            response = self._send("GET", path, params=query)
+            items.extend(response.json())
+            cursor = response.headers.get("X-Next-Cursor")
+            if not cursor or (limit and len(items) >= limit):
+                return items[:limit] if limit else items
+            query["cursor"] = cursor
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)

@@ -150,10 +150,17 @@ def _enroll(args: argparse.Namespace) -> None:
                 "name": result.name,
                 "tags": result.tags,
                 "state_dir": str(settings.state_dir),
+                "claim_code": result.claim_code,
             }
         )
     else:
         print(f"enrolled as {result.device_id} ({result.name}); state in {settings.state_dir}")
+        if result.claim_code:
+            print(
+                f"claim code: {result.claim_code} (for the label; kept in "
+                f"{AgentState(settings.state_dir).claim_code_path}); the customer claims the "
+                "machine with: edgefleet devices claim CODE"
+            )
         print(f"start it with: edgefleet agent run --state-dir {settings.state_dir}")
 
 

@@ -206,7 +206,7 @@ def _flows_release(args: argparse.Namespace) -> None:
 
 
 def _flows_list(args: argparse.Namespace) -> None:
-    items = client_of(args).get("/flows/releases")
+    items = client_of(args).get_all("/flows/releases")
     if printed_as_json(args, items):
         return
     rows = [
@@ -234,7 +234,7 @@ def _module_add(args: argparse.Namespace) -> None:
 
 
 def _module_list(args: argparse.Namespace) -> None:
-    items = client_of(args).get("/flows/modules")
+    items = client_of(args).get_all("/flows/modules")
     if printed_as_json(args, items):
         return
     rows = [

@@ -49,13 +49,18 @@ def register(sub: Subparsers) -> None:
         asub,
         _create_token,
         "create-token",
-        help="make an operator API token (the first one comes from here)",
-        description="Create an operator API token directly in the database. Roles: viewer (read), "
-        "operator (also tokens, flows, tunnels), admin (also revoke machines, manage API tokens).",
-        epilog="example: export EDGEFLEET_TOKEN=$(edgefleet admin create-token --role admin)",
+        help="make the bootstrap token that creates the first admin user",
+        description="Create a bootstrap token directly in the database. It does one thing: "
+        "create the first admin user (edgefleet users create EMAIL --role admin). Creating that "
+        "user spends it; while an enabled admin user exists no bootstrap token works (make a "
+        "new one here only if every admin is gone). People then log in (edgefleet login) and "
+        "make API tokens of their own (edgefleet api-tokens create).",
+        epilog="example:\n"
+        "  export EDGEFLEET_TOKEN=$(edgefleet admin create-token)\n"
+        "  edgefleet users create ops@example.com --role admin --password-stdin < pw.txt\n"
+        "  unset EDGEFLEET_TOKEN; edgefleet login --email ops@example.com --password-stdin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
-    create.add_argument("--name", default="admin", help="who or what the token is for")
     load_options_when_used(create, _create_token_options)
 
 
@@ -74,6 +79,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 def _create_token_options(parser: argparse.ArgumentParser) -> None:
     setting_flags(parser, only=DATA_SETTINGS)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    # Scripts written before people had accounts pass --role admin: still accepted, and
+    # any other role is refused with the reason, not an argparse error about a flag.
+    parser.add_argument("--role", help=argparse.SUPPRESS)
 
 
 #: The settings `admin create-token` takes: where the gateway's data is.
@@ -158,24 +166,32 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _create_token(args: argparse.Namespace) -> None:
+    if args.role not in (None, "admin"):
+        raise CommandError(
+            f"a bootstrap token only creates the first admin user; there are no {args.role} "
+            "bootstrap tokens (people get their own: edgefleet users create, edgefleet login)",
+            2,
+        )
     settings = _settings(args, DATA_SETTINGS)
+    from gateway.accounts.api_tokens import create_bootstrap
+    from gateway.accounts.users import admin_exists
     from gateway.db import make_engine, migrate, session_scope
     from gateway.errors import DatabaseUnavailable
-    from gateway.registry.models import Role
-    from gateway.registry.tokens import create_api_token
 
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
         with session_scope(engine) as session:
-            issued, row = create_api_token(
-                session, name=args.name, role=Role(args.role), actor="local-admin"
-            )
+            if admin_exists(session):
+                raise CommandError(
+                    "an admin user exists, so a bootstrap token would not work: log in as an "
+                    "admin (edgefleet login) or disable every admin first",
+                    2,
+                )
+            issued = create_bootstrap(session)
     except DatabaseUnavailable as exc:
         raise CommandError(str(exc), 2) from exc
     finally:
         engine.dispose()
-    if not printed_as_json(
-        args, {"id": row.id, "name": row.name, "role": str(row.role), "token": issued.token}
-    ):
+    if not printed_as_json(args, {"id": issued.row.id, "kind": "bootstrap", "token": issued.token}):
         print(issued.token)

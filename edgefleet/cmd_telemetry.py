@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from edgefleet.client import GatewayClient
+from edgefleet.cmd_operator import client_of
 from edgefleet.output import (
     CommandError,
     ago,
@@ -117,7 +118,7 @@ def parse_when(text: str, now: float | None = None) -> float:
 
 
 def _client(args: argparse.Namespace) -> GatewayClient:
-    return GatewayClient(args.gateway, args.token)
+    return client_of(args)
 
 
 def _path(device_id: str, rest: str) -> str:

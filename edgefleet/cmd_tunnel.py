@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgefleet.client import GatewayClient
+from edgefleet.cmd_operator import client_of
 from edgefleet.output import (
     CommandError,
     ago,
@@ -134,7 +134,7 @@ def _open(args: argparse.Namespace) -> None:
     from provisioning.wireguard.keys import generate_keypair
 
     keys = generate_keypair()
-    client = GatewayClient(args.gateway, args.token, timeout=OPEN_HTTP_TIMEOUT)
+    client = client_of(args, timeout=OPEN_HTTP_TIMEOUT)
     tunnel: dict[str, Any] = client.post(
         "/tunnels",
         json={
@@ -194,7 +194,7 @@ def _list(args: argparse.Namespace) -> None:
     params: dict[str, Any] = {"include_closed": "true" if args.all else "false"}
     if args.device:
         params["device_id"] = args.device
-    items = GatewayClient(args.gateway, args.token).get("/tunnels", params=params)
+    items = client_of(args).get_all("/tunnels", params=params)
     if printed_as_json(args, items):
         return
     headers = ["ID", "DEVICE", "STATE", "DEVICE IP", "PORTS", "TIME LEFT", "HANDSHAKE", "BY"]
@@ -202,7 +202,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _close(args: argparse.Namespace) -> None:
-    client = GatewayClient(args.gateway, args.token)
+    client = client_of(args)
     item = client.post(f"/tunnels/{args.tunnel_id}/close", json={"reason": args.reason})
     if printed_as_json(args, item):
         return

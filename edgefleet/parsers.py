@@ -5,9 +5,10 @@ and options that load only when used.
 way (an ACTION for a group, the function that runs a command). `json_option()` and
 `connection_options()` go into ``parents=[...]`` (`operator()` is both): every command that
 prints JSON gets the same ``--json``, every operator command the same ``--gateway``/``--token``
-(from ``EDGEFLEET_GATEWAY``/``EDGEFLEET_TOKEN``). `load_options_when_used` lets a command's
-options come from code that should load only when that command runs (the gateway's settings
-need pydantic-settings: ~0.3 s that `edgefleet devices list` need not pay).
+(from ``EDGEFLEET_GATEWAY``/``EDGEFLEET_TOKEN``, else what `edgefleet login` kept).
+`load_options_when_used` lets a command's options come from code that should load only when that
+command runs (the gateway's settings need pydantic-settings: ~0.3 s that `edgefleet devices
+list` need not pay).
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ def connection_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--gateway",
         default=os.environ.get("EDGEFLEET_GATEWAY", ""),
-        help="gateway URL (default: $EDGEFLEET_GATEWAY)",
+        help="gateway URL (default: $EDGEFLEET_GATEWAY, else the one you logged in to)",
     )
     group.add_argument(
         "--token",
         default=os.environ.get("EDGEFLEET_TOKEN", ""),
-        help="operator API token (default: $EDGEFLEET_TOKEN)",
+        help="API token (default: $EDGEFLEET_TOKEN, else the one `edgefleet login` keeps)",
     )
     return parent
 

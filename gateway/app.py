@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from gateway.api.errors import BodySizeLimit, install_error_handlers
+from gateway.api.routes_accounts import router as accounts_router
 from gateway.api.routes_broker_hooks import router as broker_hooks_router
+from gateway.api.routes_devices import router as devices_router
 from gateway.api.routes_flows import router as flows_router
 from gateway.api.routes_metrics import router as metrics_router
 from gateway.api.routes_registry import router as registry_router
@@ -19,12 +21,16 @@ def create_app(runtime: GatewayRuntime) -> FastAPI:
         title="edgefleet gateway",
         version="0.1.0",
         description="Device registry, telemetry, flow rollouts and support tunnels for a fleet "
-        "of machines running Node-RED. Operators authenticate with API tokens, machines with "
-        "short-lived ES256 JWTs signed by their own key.",
+        "of machines running Node-RED. People authenticate with a browser session (POST "
+        "/api/v1/auth/login; changes carry the session's CSRF token) or their own API token, "
+        "machines with short-lived ES256 JWTs signed by their own key. Lists are paginated: "
+        "?limit= and ?cursor= from the X-Next-Cursor header.",
     )
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.include_router(accounts_router)
     app.include_router(registry_router)
+    app.include_router(devices_router)
     app.include_router(telemetry_router)
     app.include_router(metrics_router)
     app.include_router(flows_router)

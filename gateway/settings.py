@@ -165,6 +165,44 @@ class GatewaySettings(BaseSettings):
         "this replica's share to the others) instead of keeping its session for a restart.",
     )
 
+    # People (gateway.accounts): browser sessions, login throttling, single sign-on, tokens.
+    session_idle_timeout: int = Field(
+        default=2 * 3600, gt=0, description="A browser session ends after this many idle seconds."
+    )
+    session_max_age: int = Field(
+        default=12 * 3600, gt=0, description="A browser session ends this long after login."
+    )
+    session_cookie_secure: bool = Field(
+        default=True,
+        description="Mark the session cookie Secure (sent over HTTPS only; browsers also send "
+        "it to http://localhost). Turn off only for a plain-HTTP test gateway.",
+    )
+    login_account_failures: int = Field(
+        default=5, ge=1, description="Failed logins per account in a window before it waits."
+    )
+    login_address_failures: int = Field(
+        default=30, ge=1, description="Failed logins per client address in a window."
+    )
+    login_window: int = Field(
+        default=900,
+        gt=0,
+        description="Seconds over which failed logins are counted; a "
+        "throttled account or address waits until its window ends.",
+    )
+    api_token_max_ttl: int = Field(
+        default=366 * 86400, gt=0, description="Longest lifetime of a person's API token."
+    )
+    oidc_issuer: str | None = Field(
+        default=None, description="OpenID Connect issuer URL for single sign-on (off if unset)."
+    )
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_redirect_url: str | None = Field(
+        default=None,
+        description="Where the provider sends browsers back; default: this gateway's "
+        "/api/v1/auth/oidc/callback as the request reached it.",
+    )
+
     @field_validator("http")
     @classmethod
     def _check_http(cls, value: str) -> str:

@@ -55,6 +55,22 @@ def validate_topic_prefix(prefix: str) -> str:
     return prefix
 
 
+#: Claim codes (a stock machine's label): no 0/O, 1/I/L look-alikes; read aloud, typed by hand.
+CLAIM_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+CLAIM_CODE_LENGTH = 20
+
+
+def normalize_claim_code(code: str) -> str:
+    """'abcde-fghjk ...' -> 'ABCDEFGHJK...'; ValueError for anything that is not a claim code."""
+    text = "".join(code.split()).replace("-", "").upper()
+    if len(text) != CLAIM_CODE_LENGTH or any(c not in CLAIM_CODE_ALPHABET for c in text):
+        raise ValueError(
+            f"a claim code is {CLAIM_CODE_LENGTH} letters and digits in groups of 5, as printed "
+            "on the machine's label"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class Topics:
     """The topic tree of one fleet: ``{prefix}/{device}/{telemetry|status|cmd|reply}``.
@@ -124,7 +140,10 @@ class BrokerCredential(_Strict):
     ca_cert: str | None = Field(description="PEM of the CA that signed the broker certificate.")
 
 
-class EnrollResponse(_Strict):
+class EnrollResponse(BaseModel):
+    # Not strict: an agent keeps working when a newer gateway adds a field.
+    model_config = ConfigDict(extra="ignore")
+
     device_id: str
     name: str
     tags: dict[str, str]
@@ -132,6 +151,11 @@ class EnrollResponse(_Strict):
     gateway_public_key: str = Field(description="PEM; every command is signed by this key.")
     topic_prefix: str
     broker: BrokerCredential
+    claim_code: str | None = Field(
+        default=None,
+        description="A machine enrolled into stock: the code its customer claims it with "
+        "(for its label). Absent for a machine enrolled to a customer.",
+    )
 
 
 class DeviceStatus(BaseModel):
@@ -145,6 +169,9 @@ class DeviceStatus(BaseModel):
     ts: float | None = None
     outbox_queued: int | None = None
     outbox_dropped: int | None = None
+    node_red_up: bool | None = Field(
+        default=None, description="Whether Node-RED answered the agent's last probe."
+    )
 
 
 class Reply(BaseModel):

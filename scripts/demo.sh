@@ -209,14 +209,35 @@ start_gateway() {
 }
 
 operator_login() {
-  local out
-  out="$(ef admin create-token --role admin --data-dir "$DATA_DIR/gateway" --json)" \
-    || die "edgefleet admin create-token failed (see above)"
+  # The demo's admin is a person with a password (for the console and `edgefleet login`). The
+  # first run makes them with a bootstrap token; a --keep run logs in with what it saved.
+  local creds="$DATA_DIR/admin-login.txt" out bootstrap
+  unset EDGEFLEET_TOKEN # the demo logs in as its own admin, whatever this shell had
   export EDGEFLEET_GATEWAY="$GATEWAY_URL"
+  export XDG_CONFIG_HOME="$DATA_DIR/config" # the demo's login token stays in the demo's state
+  ADMIN_EMAIL="admin@demo.example"
+  if [ -s "$creds" ]; then
+    ADMIN_PASSWORD="$(cat "$creds")"
+  else
+    out="$(ef admin create-token --data-dir "$DATA_DIR/gateway" --json)" \
+      || die "edgefleet admin create-token failed (see above)"
+    bootstrap="$(json_field token <<<"$out")" \
+      || die "edgefleet admin create-token --json printed no \"token\": $out"
+    ADMIN_PASSWORD="$(od -An -tx1 -N9 /dev/urandom | tr -d ' \n')"
+    ef users create "$ADMIN_EMAIL" --role admin --password-stdin --token "$bootstrap" \
+      <<<"$ADMIN_PASSWORD" >/dev/null || die "edgefleet users create failed (see above)"
+    (umask 077 && printf '%s\n' "$ADMIN_PASSWORD" >"$creds")
+    say "created the admin user $ADMIN_EMAIL (password in ${creds#"$REPO"/})"
+  fi
+  ef login --email "$ADMIN_EMAIL" --password-stdin --name demo <<<"$ADMIN_PASSWORD" >/dev/null \
+    || die "edgefleet login failed (see above)"
+  # A token of the admin's own for the shells that source demo.env (`login` keeps its own).
+  out="$(ef api-tokens create --name demo-shell --expires 7d --json)" \
+    || die "edgefleet api-tokens create failed (see above)"
   EDGEFLEET_TOKEN="$(json_field token <<<"$out")" \
-    || die "edgefleet admin create-token --json printed no \"token\": $out"
+    || die "edgefleet api-tokens create --json printed no \"token\": $out"
   export EDGEFLEET_TOKEN
-  say "created an admin API token; EDGEFLEET_GATEWAY and EDGEFLEET_TOKEN are set for the commands below"
+  say "logged in as $ADMIN_EMAIL; EDGEFLEET_GATEWAY and EDGEFLEET_TOKEN are set for the commands below"
 }
 
 write_node_red_settings() {
@@ -363,6 +384,7 @@ Try it from another shell:
   edgefleet audit
   edgefleet token create --tag site=demo --ttl 1h --uses 1   # provision one more machine
 
+Log in as $ADMIN_EMAIL with password $ADMIN_PASSWORD (edgefleet login, or the console).
 API documentation: $GATEWAY_URL/docs    Logs: $DATA_DIR/logs/
 MSG
 }

@@ -20,7 +20,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session
 
 from gateway.app import create_app
 from gateway.broker.admin import DeviceBrokerInfo
@@ -29,9 +28,9 @@ from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.db import make_engine, migrate
 from gateway.identity import GatewayIdentity
 from gateway.registry.models import Role
-from gateway.registry.tokens import create_api_token
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
+from tests.support.accounts import user_token
 from tests.support.mosquitto import running_broker
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -205,14 +204,14 @@ def runtime(
 
 @pytest.fixture
 def client(runtime: GatewayRuntime) -> Iterator[TestClient]:
-    with TestClient(create_app(runtime)) as test_client:
+    # https: the session cookie is Secure, and the client sends it only there.
+    with TestClient(create_app(runtime), base_url="https://testserver") as test_client:
         yield test_client
 
 
 def api_token(runtime: GatewayRuntime, role: Role) -> str:
-    with Session(runtime.engine) as session:
-        issued, _ = create_api_token(session, name=f"test-{role.value}", role=role, actor="test")
-    return issued.token
+    """A new manufacturer user of `role` and their API token."""
+    return user_token(runtime.engine, role)
 
 
 @pytest.fixture

@@ -563,7 +563,7 @@ def test_a_viewer_cannot_push(fleet: Fleet) -> None:
     before = fleet.gateway.cli_json("deployments", "list")
     refused = fleet.gateway.cli("flows", "push", path, "--to", "all", token=viewer, check=False)
     assert refused.returncode == 1
-    assert "403" in refused.stderr and "operator role" in refused.stderr
+    assert "403" in refused.stderr and "role operator or admin" in refused.stderr
     listed = fleet.gateway.cli("deployments", "list", "--json", token=viewer)
     assert json.loads(listed.stdout) == before
 

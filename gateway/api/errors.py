@@ -13,6 +13,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = getattr(exc, "headers", None) or headers  # e.g. Retry-After on 429
         return JSONResponse(
             {"detail": exc.detail, "reason": exc.reason}, status_code=exc.status, headers=headers
         )

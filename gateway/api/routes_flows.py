@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 
-from gateway.api.deps import DeviceDep, OperatorDep, SessionDep, Viewer
+from gateway.api.auth import DeviceDep, FlowsRead, FlowsWrite
+from gateway.api.deps import SessionDep
+from gateway.api.pages import PageDep, send_page
 from gateway.flows import deployments, module_cache, releases
 from gateway.flows.deployments import DeploymentPlan
 from gateway.flows.schemas import (
@@ -43,7 +45,7 @@ _DIGEST = r"^sha256:[0-9a-f]{64}$"
     responses={200: {"model": ReleaseCreated, "description": "The same release existed"}},
 )
 def create_release(
-    body: ReleaseCreate, session: SessionDep, who: OperatorDep, response: Response
+    body: ReleaseCreate, session: SessionDep, who: FlowsWrite, response: Response
 ) -> ReleaseCreated:
     row, created = releases.create_release(
         session, body.flows_json, body.modules, body.notes, who.actor
@@ -55,9 +57,11 @@ def create_release(
 
 @router.get("/flows/releases", response_model=list[ReleaseOut], tags=["flows"])
 def list_releases(
-    session: SessionDep, _: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request, response: Response, session: SessionDep, _: FlowsRead, page: PageDep
 ) -> list[ReleaseOut]:
-    return [ReleaseOut.of(item) for item in releases.list_releases(session, limit)]
+    found = releases.list_releases(session, page)
+    send_page(request, response, found)
+    return [ReleaseOut.of(item) for item in found.items]
 
 
 @router.get(
@@ -66,7 +70,7 @@ def list_releases(
     tags=["flows"],
     summary="One release, by digest or a unique prefix of its hex digits",
 )
-def show_release(ref: str, session: SessionDep, _: Viewer) -> ReleaseOut:
+def show_release(ref: str, session: SessionDep, _: FlowsRead) -> ReleaseOut:
     return ReleaseOut.of(releases.get_release(session, ref))
 
 
@@ -90,7 +94,7 @@ def add_module(
         ),
     ],
     session: SessionDep,
-    who: OperatorDep,
+    who: FlowsWrite,
     response: Response,
     sha256: Annotated[
         str | None,
@@ -104,8 +108,12 @@ def add_module(
 
 
 @router.get("/flows/modules", response_model=list[ModuleOut], tags=["flows"])
-def list_modules(session: SessionDep, _: Viewer) -> list[ModuleOut]:
-    return [ModuleOut.of(item) for item in module_cache.list_modules(session)]
+def list_modules(
+    request: Request, response: Response, session: SessionDep, _: FlowsRead, page: PageDep
+) -> list[ModuleOut]:
+    found = module_cache.list_modules(session, page)
+    send_page(request, response, found)
+    return [ModuleOut.of(item) for item in found.items]
 
 
 # ---- deployments ----------------------------------------------------------------------------
@@ -130,7 +138,7 @@ def _detail(session: SessionDep, deployment_id: str) -> DeploymentDetail:
     summary="Send a release to devices, tags or the whole fleet, in waves",
 )
 def create_deployment(
-    body: DeploymentCreate, session: SessionDep, who: OperatorDep
+    body: DeploymentCreate, session: SessionDep, who: FlowsWrite
 ) -> DeploymentDetail:
     plan = DeploymentPlan(
         release=body.release,
@@ -148,9 +156,11 @@ def create_deployment(
 
 @router.get("/deployments", response_model=list[DeploymentOut], tags=["flows"])
 def list_deployments(
-    session: SessionDep, _: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    request: Request, response: Response, session: SessionDep, _: FlowsRead, page: PageDep
 ) -> list[DeploymentOut]:
-    rows = deployments.list_deployments(session, limit)
+    found = deployments.list_deployments(session, page)
+    send_page(request, response, found)
+    rows = found.items
     ids = [row.id for row in rows]
     counts = deployments.state_counts(session, ids)
     started = deployments.waves_started(session, ids)
@@ -163,7 +173,7 @@ def list_deployments(
     tags=["flows"],
     summary="A deployment with every device's state, timings and error",
 )
-def show_deployment(deployment_id: str, session: SessionDep, _: Viewer) -> DeploymentDetail:
+def show_deployment(deployment_id: str, session: SessionDep, _: FlowsRead) -> DeploymentDetail:
     return _detail(session, deployment_id)
 
 
@@ -173,9 +183,7 @@ def show_deployment(deployment_id: str, session: SessionDep, _: Viewer) -> Deplo
     tags=["flows"],
     summary="Stop a deployment: no more waves; devices that have not started are cancelled",
 )
-def cancel_deployment(
-    deployment_id: str, session: SessionDep, who: OperatorDep
-) -> DeploymentDetail:
+def cancel_deployment(deployment_id: str, session: SessionDep, who: FlowsWrite) -> DeploymentDetail:
     deployments.cancel_deployment(session, deployment_id, who.actor)
     return _detail(session, deployment_id)
 

@@ -1,15 +1,17 @@
 """``/metrics``: the gateway's own Prometheus metrics (text exposition format).
 
-Served without a token, as Prometheus scrapers expect: it holds counters and timings only (no
-device data, no secrets). Put it behind the proxy's access rules if that is too much.
+Served without a token, as Prometheus scrapers expect: it holds counters, timings and fleet-wide
+counts only (no device names or ids, no secrets). Put it behind the proxy's access rules if that
+is too much.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.api.deps import RuntimeDep
+from gateway.machines.fleet_metrics import FleetCollector
 
 router = APIRouter()
 
@@ -22,4 +24,7 @@ router = APIRouter()
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
 def metrics(runtime: RuntimeDep) -> Response:
-    return Response(generate_latest(runtime.metrics), media_type=CONTENT_TYPE_LATEST)
+    fleet = CollectorRegistry(auto_describe=False)
+    fleet.register(FleetCollector(runtime.engine))  # counted now, from the shared database
+    body = generate_latest(runtime.metrics) + generate_latest(fleet)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

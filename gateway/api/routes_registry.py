@@ -1,31 +1,27 @@
-"""Enrollment, provisioning tokens, devices, API tokens and the audit log."""
+"""Enrollment, what an agent learns about itself, provisioning tokens and the audit log."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, Response, status
+from sqlmodel import col, select
 
-from gateway.api.deps import Admin, DeviceDep, OperatorDep, RuntimeDep, SessionDep, Viewer
-from gateway.commands.models import CommandRecord
-from gateway.commands.sender import issue
-from gateway.errors import Conflict, NotFound
-from gateway.registry import audit, devices, tokens
+from gateway.accounts import customers, scoping
+from gateway.api.auth import AuditRead, DeviceDep, Provision
+from gateway.api.deps import RuntimeDep, SessionDep
+from gateway.api.pages import PageDep, send_page
+from gateway.pagination import SortKey, paginate
+from gateway.registry import devices, tokens
 from gateway.registry.devices import EnrollContext
+from gateway.registry.models import AuditEvent, ProvisioningToken
 from gateway.registry.schemas import (
-    ApiTokenCreate,
-    ApiTokenCreated,
-    ApiTokenOut,
     AuditOut,
-    CommandOut,
-    DeviceOut,
     DeviceSelf,
     ProvisioningTokenCreate,
     ProvisioningTokenCreated,
     ProvisioningTokenOut,
 )
-from provisioning.commands import PingArgs
-from provisioning.states import CommandKind
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
@@ -37,6 +33,7 @@ router = APIRouter(prefix="/api/v1", responses=_errors)
 @router.post(
     "/enroll",
     response_model=EnrollResponse,
+    response_model_exclude_unset=True,  # no claim_code key for a customer's machine
     status_code=status.HTTP_201_CREATED,
     tags=["agent"],
     summary="Enroll a machine with a provisioning token and its public key",
@@ -63,8 +60,9 @@ def agent_self(device: DeviceDep) -> DeviceSelf:
     tags=["provisioning"],
 )
 def create_provisioning_token(
-    body: ProvisioningTokenCreate, session: SessionDep, runtime: RuntimeDep, who: OperatorDep
+    body: ProvisioningTokenCreate, session: SessionDep, runtime: RuntimeDep, who: Provision
 ) -> ProvisioningTokenCreated:
+    customer = customers.resolve(session, who, body.customer) if body.customer else None
     issued, row = tokens.create_provisioning_token(
         session,
         actor=who.actor,
@@ -73,6 +71,7 @@ def create_provisioning_token(
         uses=body.uses,
         tags=body.tags,
         note=body.note,
+        customer_id=customer.id if customer else None,
     )
     return ProvisioningTokenCreated(**ProvisioningTokenOut.of(row).model_dump(), token=issued.token)
 
@@ -80,110 +79,54 @@ def create_provisioning_token(
 @router.get(
     "/provisioning-tokens", response_model=list[ProvisioningTokenOut], tags=["provisioning"]
 )
-def list_provisioning_tokens(session: SessionDep, _: OperatorDep) -> list[ProvisioningTokenOut]:
-    return [ProvisioningTokenOut.of(row) for row in tokens.list_provisioning_tokens(session)]
+def list_provisioning_tokens(
+    request: Request, response: Response, session: SessionDep, _: Provision, page: PageDep
+) -> list[ProvisioningTokenOut]:
+    keys = [
+        SortKey(col(ProvisioningToken.created_at), True),
+        SortKey(col(ProvisioningToken.id), True),
+    ]
+    found = paginate(session, select(ProvisioningToken), keys, page, lambda t: (t.created_at, t.id))
+    send_page(request, response, found)
+    return [ProvisioningTokenOut.of(row) for row in found.items]
 
 
 @router.delete(
     "/provisioning-tokens/{token_id}", response_model=ProvisioningTokenOut, tags=["provisioning"]
 )
 def revoke_provisioning_token(
-    token_id: str, session: SessionDep, who: OperatorDep
+    token_id: str, session: SessionDep, who: Provision
 ) -> ProvisioningTokenOut:
     return ProvisioningTokenOut.of(tokens.revoke_provisioning_token(session, token_id, who.actor))
 
 
-@router.get("/devices", response_model=list[DeviceOut], tags=["devices"])
-def list_devices(
-    session: SessionDep,
-    _: Viewer,
-    include_revoked: Annotated[bool, Query(description="Also list revoked machines.")] = False,
-) -> list[DeviceOut]:
-    return [DeviceOut.of(d) for d in devices.list_devices(session, include_revoked)]
-
-
-@router.get("/devices/{device_id}", response_model=DeviceOut, tags=["devices"])
-def show_device(device_id: str, session: SessionDep, _: Viewer) -> DeviceOut:
-    return DeviceOut.of(devices.get_device(session, device_id))
-
-
-@router.post(
-    "/devices/{device_id}/revoke",
-    response_model=DeviceOut,
-    tags=["devices"],
-    summary="Revoke a machine: its JWTs stop working and the broker disconnects it",
+@router.get(
+    "/audit",
+    response_model=list[AuditOut],
+    tags=["audit"],
+    summary="The audit log, newest first (a customer's admin: what concerns its customer)",
 )
-def revoke_device(
-    device_id: str, session: SessionDep, runtime: RuntimeDep, who: Admin
-) -> DeviceOut:
-    device = devices.revoke(session, device_id, who.actor, runtime.broker)
-    return DeviceOut.of(device)
-
-
-@router.post(
-    "/devices/{device_id}/ping",
-    response_model=CommandOut,
-    status_code=status.HTTP_202_ACCEPTED,
-    tags=["devices"],
-    summary="Send a signed ping; follow it with GET /commands/{id}",
-)
-def ping_device(
-    device_id: str, session: SessionDep, runtime: RuntimeDep, who: OperatorDep
-) -> CommandOut:
-    device = devices.get_device(session, device_id)
-    if device.state != "active":
-        raise Conflict("device_revoked", f"device {device_id} is revoked")
-    record = issue(
-        session,
-        identity=runtime.identity,
-        publisher=runtime.command_publisher(),
-        device_id=device.id,
-        kind=CommandKind.ping,
-        args=PingArgs(),
-        lifetime=300,
-        actor=who.actor,
-    )
-    return CommandOut.model_validate(record, from_attributes=True)
-
-
-@router.get("/commands/{command_id}", response_model=CommandOut, tags=["devices"])
-def show_command(command_id: str, session: SessionDep, _: Viewer) -> CommandOut:
-    record = session.get(CommandRecord, command_id)
-    if record is None:
-        raise NotFound("unknown_command", f"no command {command_id!r}")
-    return CommandOut.model_validate(record, from_attributes=True)
-
-
-@router.post(
-    "/api-tokens",
-    response_model=ApiTokenCreated,
-    status_code=status.HTTP_201_CREATED,
-    tags=["operators"],
-)
-def create_api_token(body: ApiTokenCreate, session: SessionDep, who: Admin) -> ApiTokenCreated:
-    issued, row = tokens.create_api_token(session, name=body.name, role=body.role, actor=who.actor)
-    return ApiTokenCreated(**ApiTokenOut.of(row).model_dump(), token=issued.token)
-
-
-@router.get("/api-tokens", response_model=list[ApiTokenOut], tags=["operators"])
-def list_api_tokens(session: SessionDep, _: Admin) -> list[ApiTokenOut]:
-    return [ApiTokenOut.of(row) for row in tokens.list_api_tokens(session)]
-
-
-@router.delete("/api-tokens/{token_id}", response_model=ApiTokenOut, tags=["operators"])
-def revoke_api_token(token_id: str, session: SessionDep, who: Admin) -> ApiTokenOut:
-    return ApiTokenOut.of(tokens.revoke_api_token(session, token_id, who.actor))
-
-
-@router.get("/audit", response_model=list[AuditOut], tags=["audit"])
 def audit_log(
+    request: Request,
+    response: Response,
     session: SessionDep,
-    _: OperatorDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    action: str | None = None,
-    target: str | None = None,
+    who: AuditRead,
+    page: PageDep,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    target: Annotated[str | None, Query(max_length=128)] = None,
+    device: Annotated[
+        str | None, Query(max_length=64, description="Only events about this machine (name or id).")
+    ] = None,
 ) -> list[AuditOut]:
-    return [
-        AuditOut.model_validate(e, from_attributes=True)
-        for e in audit.recent(session, limit, action, target)
-    ]
+    query = select(AuditEvent)
+    if who.is_customer:
+        query = query.where(AuditEvent.customer_id == who.customer_id)
+    if action:
+        query = query.where(AuditEvent.action == action)
+    if target:
+        query = query.where(AuditEvent.target == target)
+    if device:
+        query = query.where(AuditEvent.target == scoping.resolve_device(session, who, device).id)
+    found = paginate(session, query, [SortKey(col(AuditEvent.id), True)], page, lambda e: (e.id,))
+    send_page(request, response, found)
+    return [AuditOut.model_validate(e, from_attributes=True) for e in found.items]

@@ -19,9 +19,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from gateway.api.deps import RuntimeDep, SessionDep, Viewer
-from gateway.errors import Invalid, NotFound
-from gateway.registry.models import Device
+from gateway.accounts import scoping
+from gateway.accounts.principal import Principal
+from gateway.api.auth import FleetRead
+from gateway.api.deps import RuntimeDep, SessionDep
+from gateway.errors import Invalid
 from gateway.telemetry import queries
 from provisioning.telemetry import METRIC_PATTERN, is_metric_name
 from provisioning.wire import ErrorBody
@@ -94,10 +96,9 @@ def _window(since: datetime | None, until: datetime | None) -> tuple[float, floa
     return start, end
 
 
-def _known_device(session: SessionDep, device_id: str) -> str:
-    if session.get(Device, device_id) is None:
-        raise NotFound("unknown_device", f"no device {device_id!r}")
-    return device_id
+def _known_device(session: SessionDep, who: Principal, device: str) -> str:
+    """The id of the machine `device` names (id or name), if the caller sees it; else 404."""
+    return scoping.resolve_device(session, who, device).id
 
 
 def _metric_name(metric: str) -> str:
@@ -107,8 +108,8 @@ def _metric_name(metric: str) -> str:
 
 
 @router.get("/latest", response_model=LatestOut, summary="The newest value of each metric")
-def latest(device_id: str, session: SessionDep, runtime: RuntimeDep, _: Viewer) -> LatestOut:
-    _known_device(session, device_id)
+def latest(device_id: str, session: SessionDep, runtime: RuntimeDep, who: FleetRead) -> LatestOut:
+    device_id = _known_device(session, who, device_id)
     with runtime.engine.connect() as conn:
         rows = queries.latest(conn, device_id)
     return LatestOut(
@@ -129,12 +130,12 @@ def export_csv(
     device_id: str,
     session: SessionDep,
     runtime: RuntimeDep,
-    _: Viewer,
+    who: FleetRead,
     since: Since = None,
     until: Until = None,
     metric: Annotated[str | None, Query(description="Only this metric (default: all).")] = None,
 ) -> StreamingResponse:
-    _known_device(session, device_id)
+    device_id = _known_device(session, who, device_id)
     if metric is not None:
         _metric_name(metric)
     start, end = _window(since, until)
@@ -173,7 +174,7 @@ def metric_range(
     metric: str,
     session: SessionDep,
     runtime: RuntimeDep,
-    _: Viewer,
+    who: FleetRead,
     since: Since = None,
     until: Until = None,
     every: Annotated[
@@ -181,7 +182,7 @@ def metric_range(
         Query(gt=0, description="Bucket width in seconds (default: about 500 buckets)."),
     ] = None,
 ) -> RangeOut:
-    _known_device(session, device_id)
+    device_id = _known_device(session, who, device_id)
     _metric_name(metric)
     start, end = _window(since, until)
     width = queries.auto_every(start, end) if every is None else every

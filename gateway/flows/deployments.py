@@ -25,6 +25,7 @@ from gateway.flows.models import Deployment, DeploymentDevice, FlowModule, FlowR
 from gateway.flows.module_cache import get_module
 from gateway.flows.releases import resolve_digest
 from gateway.flows.targets import Share, Target, parse_percent, plan_waves, select_devices
+from gateway.pagination import Page, PageRequest, SortKey, paginate
 from gateway.registry import audit
 from gateway.registry.models import Device
 from provisioning.jwt_rules import MAX_COMMAND_LIFETIME
@@ -138,9 +139,10 @@ def get_deployment(session: Session, deployment_id: str) -> Deployment:
     return deployment
 
 
-def list_deployments(session: Session, limit: int = 50) -> list[Deployment]:
-    query = select(Deployment).order_by(col(Deployment.created_at).desc()).limit(limit)
-    return list(session.exec(query))
+def list_deployments(session: Session, page: PageRequest) -> Page[Deployment]:
+    """Newest first, a page at a time (`gateway.pagination`)."""
+    keys = [SortKey(col(Deployment.created_at), True), SortKey(col(Deployment.id), True)]
+    return paginate(session, select(Deployment), keys, page, lambda d: (d.created_at, d.id))
 
 
 def device_records(session: Session, deployment_id: str) -> list[tuple[DeploymentDevice, str]]:

@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.flows.models import FlowModule
+from gateway.pagination import Page, PageRequest, SortKey, finish, keyset
 from gateway.registry import audit
 from provisioning.bundles import InvalidBundle, ModuleRef
 
@@ -206,8 +207,13 @@ def add_module(
     return _summary(row), True
 
 
-def list_modules(session: Session) -> list[ModuleSummary]:
-    return [ModuleSummary(*row) for row in session.execute(_summaries())]
+def list_modules(session: Session, page: PageRequest) -> Page[ModuleSummary]:
+    """By name and version, a page at a time (`gateway.pagination`)."""
+    table = FlowModule.__table__  # type: ignore[attr-defined]
+    query = _summaries().order_by(None)
+    keys = [SortKey(table.c.name), SortKey(table.c.version), SortKey(table.c.sha256)]
+    rows = [ModuleSummary(*row) for row in session.execute(keyset(query, keys, page))]
+    return finish(rows, page, lambda m: (m.name, m.version, m.sha256))
 
 
 def modules_by_ref(session: Session, refs: Iterable[str]) -> dict[str, ModuleSummary]:
@@ -228,7 +234,7 @@ def modules_providing(session: Session, node_types: Iterable[str]) -> dict[str, 
     providers: dict[str, list[str]] = {}
     if not wanted:
         return providers
-    for module in list_modules(session):
+    for module in (ModuleSummary(*row) for row in session.execute(_summaries())):
         for node_type in wanted.intersection(module.node_types):
             providers.setdefault(node_type, []).append(module.ref)
     return providers

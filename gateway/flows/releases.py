@@ -21,6 +21,7 @@ from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.flows.models import FlowRelease
 from gateway.flows.module_cache import modules_by_ref, modules_providing, parse_module_ref
+from gateway.pagination import Page, PageRequest, SortKey, finish, keyset
 from gateway.registry import audit
 from provisioning.bundles import Bundle, InvalidBundle, ModuleRef, non_core_node_types
 
@@ -196,11 +197,10 @@ def summary(row: FlowRelease) -> ReleaseSummary:
     )
 
 
-def list_releases(session: Session, limit: int = 100) -> list[ReleaseSummary]:
+def list_releases(session: Session, page: PageRequest) -> Page[ReleaseSummary]:
+    """Newest first, a page at a time (`gateway.pagination`)."""
     table = FlowRelease.__table__  # type: ignore[attr-defined]
-    query = (
-        sa.select(*(table.c[name] for name in _SUMMARY_COLUMNS))
-        .order_by(table.c.created_at.desc())
-        .limit(limit)
-    )
-    return [ReleaseSummary(*row) for row in session.execute(query)]
+    query = sa.select(*(table.c[name] for name in _SUMMARY_COLUMNS))
+    keys = [SortKey(table.c.created_at, True), SortKey(table.c.digest, True)]
+    rows = [ReleaseSummary(*row) for row in session.execute(keyset(query, keys, page))]
+    return finish(rows, page, lambda r: (r.created_at, r.digest))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
+import gateway.accounts.models  # customers, users, sessions, consent
 import gateway.commands.models
 import gateway.flows.models  # flow releases, module cache, deployments
 import gateway.registry.models  # registers the tables on SQLModel.metadata

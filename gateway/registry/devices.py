@@ -15,13 +15,14 @@ from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound, Unauthorized, Unavailable
 from gateway.identity import GatewayIdentity
+from gateway.machines import ownership
 from gateway.registry import audit
 from gateway.registry.models import Device, DeviceState, UsedJti
 from gateway.registry.tokens import consume_provisioning_token
 from provisioning import keys
 from provisioning.jwt_rules import DeviceClaims, TokenRejected, verify_device_token
 from provisioning.secrets import hash_secret, new_secret
-from provisioning.wire import BrokerCredential, EnrollRequest, EnrollResponse
+from provisioning.wire import BrokerCredential, DeviceStatus, EnrollRequest, EnrollResponse
 
 log = logging.getLogger(__name__)
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no look-alikes: people read these aloud
@@ -57,9 +58,14 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
         )
     device_id = new_device_id()
     password = new_secret()
+    claim_code = None if token.customer_id else ownership.new_claim_code()
     device = Device(
         id=device_id,
-        name=request.name or device_id,
+        name=ownership.unique_name(
+            session, request.name or device_id, token.customer_id, device_id
+        ),
+        customer_id=token.customer_id,
+        claim_code_hash=ownership.claim_code_hash(claim_code) if claim_code else None,
         public_key=keys.public_key_pem(public_key),
         key_fingerprint=fingerprint,
         tags=dict(token.tags),
@@ -75,7 +81,9 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
         f"token:{token.id}",
         "device.enroll",
         device.id,
+        customer_id=token.customer_id,
         name=device.name,
+        requested_name=request.name,
         tags=device.tags,
         key=fingerprint,
     )
@@ -110,6 +118,7 @@ def enroll(session: Session, request: EnrollRequest, ctx: EnrollContext) -> Enro
             client_id=device.id,
             ca_cert=info.ca_pem,
         ),
+        **({"claim_code": claim_code} if claim_code else {}),
     )
 
 
@@ -221,23 +230,21 @@ def purge_used_jtis(session: Session) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def record_status(
-    session: Session,
-    device_id: str,
-    online: bool,
-    agent_version: str | None,
-    node_red_version: str | None,
-) -> bool:
+def record_status(session: Session, device_id: str, status: DeviceStatus) -> bool:
     """Store a status message; returns False for unknown or revoked devices (ignored)."""
     device = session.get(Device, device_id)
     if device is None or device.state != DeviceState.active:
         return False
-    device.online = online
+    device.online = status.state == "online"
     device.last_seen = utcnow()
-    if agent_version:
-        device.agent_version = agent_version
-    if node_red_version:
-        device.node_red_version = node_red_version
+    if status.agent_version:
+        device.agent_version = status.agent_version
+    if status.node_red_version:
+        device.node_red_version = status.node_red_version
+    if status.state == "online":  # the Last Will says nothing about these
+        device.node_red_up = status.node_red_up
+        device.outbox_queued = status.outbox_queued
+        device.outbox_dropped = status.outbox_dropped
     session.add(device)
     session.commit()
     return True

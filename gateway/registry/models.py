@@ -18,15 +18,33 @@ from gateway.db import utc_column as _ts
 
 
 class Role(StrEnum):
-    """What an operator API token may do; each role includes the ones before it."""
+    """A person's role (DESIGN.md, "People and customers"); what each may do is in
+    `gateway.accounts.permissions`. The manufacturer's roles come first, then the customers'."""
 
     viewer = "viewer"
+    support = "support"
     operator = "operator"
     admin = "admin"
+    customer_viewer = "customer-viewer"
+    customer_admin = "customer-admin"
+
+    @property
+    def is_customer(self) -> bool:
+        return self in (Role.customer_viewer, Role.customer_admin)
 
     @property
     def rank(self) -> int:
-        return list(Role).index(self)
+        """Order within its organisation: a token's role may not rank above its user's."""
+        chain = _CUSTOMER_CHAIN if self.is_customer else _MANUFACTURER_CHAIN
+        return chain.index(self)
+
+    def within(self, other: Role) -> bool:
+        """This role is `other` or less, in the same organisation."""
+        return self.is_customer == other.is_customer and self.rank <= other.rank
+
+
+_MANUFACTURER_CHAIN = (Role.viewer, Role.support, Role.operator, Role.admin)
+_CUSTOMER_CHAIN = (Role.customer_viewer, Role.customer_admin)
 
 
 class DeviceState(StrEnum):
@@ -55,6 +73,14 @@ class Device(SQLModel, table=True):
     provisioning_token_id: str | None = Field(default=None, max_length=32)
     # SHA-256 of the device's broker password, for brokers that ask the gateway (EMQX hooks).
     broker_password_hash: str | None = Field(default=None, max_length=64)
+    # The customer that owns the machine; NULL: the manufacturer's stock (gateway.accounts).
+    customer_id: str | None = Field(default=None, max_length=32, index=True)
+    # SHA-256 of the claim code a stock machine got at enrollment (for its label); one use.
+    claim_code_hash: str | None = Field(default=None, max_length=64, unique=True)
+    # Health from the agent's status message (provisioning.wire.DeviceStatus).
+    node_red_up: bool | None = None
+    outbox_queued: int | None = None
+    outbox_dropped: int | None = None
 
 
 class ProvisioningToken(SQLModel, table=True):
@@ -70,6 +96,8 @@ class ProvisioningToken(SQLModel, table=True):
     revoked_at: datetime | None = _ts(nullable=True)
     created_by: str = Field(max_length=64)
     note: str = Field(default="", max_length=200)
+    # Machines it enrolls belong to this customer; NULL: into stock, each with a claim code.
+    customer_id: str | None = Field(default=None, max_length=32)
 
 
 class ApiToken(SQLModel, table=True):
@@ -82,6 +110,12 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = _ts()
     revoked_at: datetime | None = _ts(nullable=True)
     created_by: str = Field(max_length=64)
+    # user: a person's own token; bootstrap: from `admin create-token`; legacy: made before
+    # there were users (an upgraded install's tokens keep working with their role).
+    kind: str = Field(default="user", max_length=16)
+    user_id: str | None = Field(default=None, max_length=32, index=True)
+    expires_at: datetime | None = _ts(nullable=True)
+    last_used_at: datetime | None = _ts(nullable=True)
 
 
 class UsedJti(SQLModel, table=True):
@@ -103,3 +137,7 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     target: str = Field(default="", max_length=128, index=True)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Who exactly (the person and the token they used) and whose machine it was about.
+    user_id: str | None = Field(default=None, max_length=32)
+    token_id: str | None = Field(default=None, max_length=32)
+    customer_id: str | None = Field(default=None, max_length=32, index=True)

@@ -66,13 +66,7 @@ class StatusListener(Listener):
             log.warning("device %s sent a malformed status: %s", device_id, exc.errors()[:1])
             return
         with Session(self._engine) as session:
-            if not record_status(
-                session,
-                device_id,
-                status.state == "online",
-                status.agent_version,
-                status.node_red_version,
-            ):
+            if not record_status(session, device_id, status):
                 log.info("status from unknown or revoked device %s ignored", device_id)
 
 

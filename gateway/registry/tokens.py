@@ -1,4 +1,4 @@
-"""Provisioning tokens (to enroll machines) and operator API tokens (to call the API)."""
+"""Provisioning tokens (to enroll machines). API tokens: `gateway.accounts.api_tokens`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ from sqlmodel import Session, col, select
 from gateway.db import utcnow
 from gateway.errors import Invalid, NotFound, Unauthorized
 from gateway.registry import audit
-from gateway.registry.models import ApiToken, ProvisioningToken, Role
-from provisioning.secrets import (
-    API_TOKEN_PREFIX,
-    PROVISIONING_TOKEN_PREFIX,
-    hash_secret,
-    new_secret,
-)
+from gateway.registry.models import ProvisioningToken
+from provisioning.secrets import PROVISIONING_TOKEN_PREFIX, hash_secret, new_secret
 
 
 def _short_id(prefix: str) -> str:
@@ -43,6 +38,7 @@ def create_provisioning_token(
     uses: int,
     tags: dict[str, str],
     note: str = "",
+    customer_id: str | None = None,
 ) -> tuple[IssuedToken, ProvisioningToken]:
     if not 0 < ttl_seconds <= max_ttl_seconds:
         raise Invalid("bad_ttl", f"ttl must be between 1s and {max_ttl_seconds}s")
@@ -59,10 +55,18 @@ def create_provisioning_token(
         expires_at=now + timedelta(seconds=ttl_seconds),
         created_by=actor,
         note=note,
+        customer_id=customer_id,
     )
     session.add(row)
     audit.record(
-        session, actor, "provisioning_token.create", row.id, tags=tags, uses=uses, ttl=ttl_seconds
+        session,
+        actor,
+        "provisioning_token.create",
+        row.id,
+        customer_id=customer_id,
+        tags=tags,
+        uses=uses,
+        ttl=ttl_seconds,
     )
     session.commit()
     return IssuedToken(row.id, secret, row.expires_at), row
@@ -123,47 +127,4 @@ def consume_provisioning_token(session: Session, secret: str) -> ProvisioningTok
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise Unauthorized("token_exhausted", f"the provisioning token {row.id} is exhausted")
     session.refresh(row)
-    return row
-
-
-def create_api_token(
-    session: Session, *, name: str, role: Role, actor: str
-) -> tuple[IssuedToken, ApiToken]:
-    secret = new_secret(API_TOKEN_PREFIX)
-    row = ApiToken(
-        id=_short_id("at-"),
-        name=name,
-        token_hash=hash_secret(secret),
-        role=role,
-        created_at=utcnow(),
-        created_by=actor,
-    )
-    session.add(row)
-    audit.record(session, actor, "api_token.create", row.id, name=name, role=role.value)
-    session.commit()
-    return IssuedToken(row.id, secret, None), row
-
-
-def list_api_tokens(session: Session) -> list[ApiToken]:
-    return list(session.exec(select(ApiToken).order_by(col(ApiToken.created_at).desc())))
-
-
-def revoke_api_token(session: Session, token_id: str, actor: str) -> ApiToken:
-    row = session.get(ApiToken, token_id)
-    if row is None:
-        raise NotFound("unknown_token", f"no API token {token_id!r}")
-    if row.revoked_at is None:
-        row.revoked_at = utcnow()
-        session.add(row)
-        audit.record(session, actor, "api_token.revoke", row.id)
-        session.commit()
-    return row
-
-
-def authenticate_api_token(session: Session, secret: str) -> ApiToken:
-    row = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret))).first()
-    if row is None:
-        raise Unauthorized("unknown_api_token", "unknown API token")
-    if row.revoked_at is not None:
-        raise Unauthorized("api_token_revoked", f"the API token {row.id} has been revoked")
     return row

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.tunnels.addresses import PoolUsage
 from gateway.tunnels.models import HubRecord, TunnelRecord
-from provisioning.wire import DEVICE_ID_PATTERN
 from provisioning.wireguard.keys import normalize_key
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -18,7 +17,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 class TunnelOpen(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The machine to reach.")
+    device_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The machine to reach: its id or name."
+    )
     ports: list[Port] = Field(
         min_length=1, max_length=32, description="TCP/UDP ports the engineer may reach."
     )

@@ -31,6 +31,7 @@ from gateway.broker.mosquitto import broker_directory, gateway_password_path, pk
 from gateway.broker.pki import CA_CERT_NAME
 from provisioning.mqtt import MqttEndpoint
 from tests.support import local_http
+from tests.support.accounts import login_token, person_token
 from tests.support.waiting import free_port, wait_for
 
 START_TIMEOUT_S = 30.0
@@ -191,10 +192,19 @@ class GatewayProcess:
         return self
 
     def make_admin_token(self) -> None:
-        """Set `admin_token` (and its id) once the gateway answers: the first admin API token,
-        made with ``edgefleet admin create-token`` as a user does. A subclass for a replica of
-        a cluster may take another replica's instead (one database, one set of tokens)."""
-        made = self.cli_json("admin", "create-token", "--role", "admin", "--name", "tests")
+        """Set `admin_token` (and its id) once the gateway answers, as a user does: the bootstrap
+        token from ``edgefleet admin create-token`` creates the first admin user, who logs in
+        for an API token. A subclass for a replica of a cluster may take another replica's
+        instead (one database, one set of tokens)."""
+        email = "tests-admin@tests.example.com"
+        bootstrap = self.cli("admin", "create-token", "--json", check=False)
+        if bootstrap.returncode == 0:
+            made = person_token(
+                self.url, json.loads(bootstrap.stdout)["token"], "admin", email=email
+            )
+        else:  # a restart on the same data: the admin exists, and logs in again
+            assert "an admin user exists" in bootstrap.stderr, bootstrap.stderr
+            made = login_token(self.url, email)
         self.admin_token, self.admin_token_id = made["token"], made["id"]
 
     def _healthy(self) -> bool:
@@ -278,6 +288,8 @@ class GatewayProcess:
         return {
             "EDGEFLEET_GATEWAY": self.url,
             "EDGEFLEET_TOKEN": self.admin_token if token is None else token,
+            # `edgefleet login` keeps its token here, not in the home of whoever runs the tests
+            "XDG_CONFIG_HOME": str(self.data_dir.parent / "xdg-config"),
         }
 
     def cli(
@@ -314,8 +326,9 @@ class GatewayProcess:
             ) from exc
 
     def create_api_token(self, role: str, name: str | None = None) -> str:
-        made = self.cli_json("admin", "create-token", "--role", role, "--name", name or role)
-        return str(made["token"])
+        """A new user of `role` (named `name`@tests.example.com) and their API token."""
+        email = f"{name}@tests.example.com" if name else None
+        return str(person_token(self.url, self.admin_token, role, email=email)["token"])
 
     def create_provisioning_token(self, *args: str) -> dict[str, Any]:
         created: dict[str, Any] = self.cli_json("token", "create", *args)

@@ -32,6 +32,7 @@ from gateway.broker.pki import CA_CERT_NAME
 from provisioning.mqtt import MqttEndpoint
 from provisioning.wireguard.tools import link_exists, run_command
 from tests.support import local_http
+from tests.support.accounts import person_token
 from tests.support.netns import NetLab, in_netns
 from tests.support.waiting import wait_for
 
@@ -235,9 +236,15 @@ class TunnelLab:
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{gateway.log_tail()}") from exc
         if not self.admin_token:
-            self.admin_token = self.hub_cli("").json(
-                "admin", "create-token", "--role", "admin", "--data-dir", self.data_dir
-            )["token"]
+            bootstrap = self.hub_cli("").json("admin", "create-token", "--data-dir", self.data_dir)
+            hub = self.ns("hub")
+            made = person_token(
+                GATEWAY_URL,
+                bootstrap["token"],
+                "admin",
+                post=lambda url, **kw: ns_http(hub, "POST", url, **kw),
+            )
+            self.admin_token = made["token"]
         return gateway
 
     def stop_gateway(self) -> int | None:

@@ -1,0 +1,1 @@
+"""The registry as people use it: machines by name, their owners, labels, filters and health."""
