@@ -15,8 +15,7 @@ from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound, Unauthorized, Unavailable
 from gateway.identity import GatewayIdentity
-from gateway.machines import ownership
-from gateway.registry import audit
+from gateway.registry import audit, ownership
 from gateway.registry.models import Device, DeviceState, UsedJti
 from gateway.registry.tokens import consume_provisioning_token
 from provisioning import keys
