@@ -16,16 +16,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any
 
-from provisioning.nftables import (
-    ACCEPT,
-    COUNT_AND_DROP,
-    Table,
-    ct_state,
-    ip_field,
-    match,
-    meta,
-    to_ports,
-)
+from provisioning import nftables as nft
 from provisioning.wireguard.tools import WgCommandError, check_interface_name
 
 logger = logging.getLogger(__name__)
@@ -39,7 +30,7 @@ class AgentFirewall:
     def __init__(self, interface: str, *, netns: str | None = None) -> None:
         self.interface = check_interface_name(interface)
         self.netns = netns
-        self._table = Table(TABLE_PREFIX + self.interface, netns=netns)
+        self._table = nft.Table(TABLE_PREFIX + self.interface, netns=netns)
         self.table = self._table.name
 
     def apply(
@@ -50,9 +41,9 @@ class AgentFirewall:
         if not port_set:
             raise ValueError("a tunnel filter needs at least one port")
         table = self._table
-        iif = match(meta("iifname"), self.interface)
-        oif = match(meta("oifname"), self.interface)
-        established = ct_state("established", "related")
+        iif = nft.match(nft.meta("iifname"), self.interface)
+        oif = nft.match(nft.meta("oifname"), self.interface)
+        established = nft.ct_state("established", "related")
         commands: list[dict[str, Any]] = []
         if table.listing() is not None:
             commands.append(table.delete())
@@ -61,22 +52,22 @@ class AgentFirewall:
             table.base_chain("tunnel_in", "input"),
             table.base_chain("tunnel_out", "output"),
             table.base_chain("tunnel_forward", "forward"),
-            table.rule("tunnel_in", [iif, established, ACCEPT]),
+            table.rule("tunnel_in", [iif, established, nft.ACCEPT]),
             table.rule(
                 "tunnel_in",
                 [
                     iif,
-                    match(ip_field("saddr"), str(engineer_ip)),
-                    match(ip_field("daddr"), str(device_ip)),
-                    *to_ports(port_set),
-                    ACCEPT,
+                    nft.match(nft.ip_field("saddr"), str(engineer_ip)),
+                    nft.match(nft.ip_field("daddr"), str(device_ip)),
+                    *nft.to_ports(port_set),
+                    nft.ACCEPT,
                 ],
             ),
-            table.rule("tunnel_in", [iif, *COUNT_AND_DROP]),
-            table.rule("tunnel_out", [oif, established, ACCEPT]),
-            table.rule("tunnel_out", [oif, *COUNT_AND_DROP]),
-            table.rule("tunnel_forward", [iif, *COUNT_AND_DROP]),
-            table.rule("tunnel_forward", [oif, *COUNT_AND_DROP]),
+            table.rule("tunnel_in", [iif, *nft.COUNT_AND_DROP]),
+            table.rule("tunnel_out", [oif, established, nft.ACCEPT]),
+            table.rule("tunnel_out", [oif, *nft.COUNT_AND_DROP]),
+            table.rule("tunnel_forward", [iif, *nft.COUNT_AND_DROP]),
+            table.rule("tunnel_forward", [oif, *nft.COUNT_AND_DROP]),
         ]
         table.apply(commands)
         logger.info(

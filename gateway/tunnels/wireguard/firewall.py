@@ -26,16 +26,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from provisioning.nftables import (
-    ACCEPT,
-    COUNT_AND_DROP,
-    Table,
-    ct_state,
-    ip_field,
-    match,
-    meta,
-    to_ports,
-)
+from provisioning import nftables as nft
 from provisioning.tunnel_command import TUNNEL_ID_PATTERN
 from provisioning.wireguard.tools import check_interface_name
 
@@ -94,13 +85,13 @@ class HubFirewall:
     def __init__(self, interface: str, *, netns: str | None = None) -> None:
         self.interface = check_interface_name(interface)
         self.netns = netns
-        self._table = Table(TABLE_PREFIX + self.interface, netns=netns)
+        self._table = nft.Table(TABLE_PREFIX + self.interface, netns=netns)
         self.table = self._table.name
 
     def _base_commands(self) -> list[dict[str, Any]]:
         table = self._table
-        iif = match(meta("iifname"), self.interface)
-        oif = match(meta("oifname"), self.interface)
+        iif = nft.match(nft.meta("iifname"), self.interface)
+        oif = nft.match(nft.meta("oifname"), self.interface)
         return [
             table.add(),
             {"add": {"map": table.obj(name=DISPATCH_MAP, type="ipv4_addr", map="verdict")}},
@@ -108,17 +99,19 @@ class HubFirewall:
             table.base_chain(INPUT_CHAIN, "input"),
             table.rule(
                 FORWARD_CHAIN,
-                [iif, {"vmap": {"key": ip_field("saddr"), "data": f"@{DISPATCH_MAP}"}}],
+                [iif, {"vmap": {"key": nft.ip_field("saddr"), "data": f"@{DISPATCH_MAP}"}}],
                 "edgefleet: to the sender's tunnel",
             ),
             table.rule(
-                FORWARD_CHAIN, [iif, *COUNT_AND_DROP], "edgefleet: not allowed by any tunnel"
+                FORWARD_CHAIN, [iif, *nft.COUNT_AND_DROP], "edgefleet: not allowed by any tunnel"
             ),
             table.rule(
-                FORWARD_CHAIN, [oif, *COUNT_AND_DROP], "edgefleet: only engineers reach devices"
+                FORWARD_CHAIN, [oif, *nft.COUNT_AND_DROP], "edgefleet: only engineers reach devices"
             ),
             table.rule(
-                INPUT_CHAIN, [iif, *COUNT_AND_DROP], "edgefleet: tunnel peers never reach the hub"
+                INPUT_CHAIN,
+                [iif, *nft.COUNT_AND_DROP],
+                "edgefleet: tunnel peers never reach the hub",
             ),
         ]
 
@@ -149,17 +142,20 @@ class HubFirewall:
         eng, dev = str(rule.engineer_ip), str(rule.device_ip)
         jump = {"jump": {"target": chain}}
         table = self._table
-        from_engineer = [match(ip_field("saddr"), eng), match(ip_field("daddr"), dev)]
-        from_device = [match(ip_field("saddr"), dev), match(ip_field("daddr"), eng)]
+        from_engineer = [
+            nft.match(nft.ip_field("saddr"), eng),
+            nft.match(nft.ip_field("daddr"), dev),
+        ]
+        from_device = [nft.match(nft.ip_field("saddr"), dev), nft.match(nft.ip_field("daddr"), eng)]
         return [
             {"add": {"chain": table.obj(name=chain)}},
             table.rule(
                 chain,
-                [*from_engineer, *to_ports(rule.ports), {"counter": None}, ACCEPT],
+                [*from_engineer, *nft.to_ports(rule.ports), {"counter": None}, nft.ACCEPT],
                 f"edgefleet tunnel {rule.tunnel_id} fp={rule.fingerprint()}",
             ),
-            table.rule(chain, [*from_device, ct_state("established", "related"), ACCEPT]),
-            table.rule(chain, [*from_engineer, ct_state("related"), ACCEPT]),
+            table.rule(chain, [*from_device, nft.ct_state("established", "related"), nft.ACCEPT]),
+            table.rule(chain, [*from_engineer, nft.ct_state("related"), nft.ACCEPT]),
             {"add": {"element": table.obj(name=DISPATCH_MAP, elem=[[eng, jump], [dev, jump]])}},
         ]
 
