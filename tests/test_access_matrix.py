@@ -27,8 +27,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from gateway.commands.models import CommandRecord
 from gateway.db import utcnow
-from gateway.models import CommandRecord, Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels.models import TunnelRecord
 from provisioning import keys

@@ -14,7 +14,7 @@ from sqlmodel import Session, SQLModel
 
 from gateway.accounts.api_tokens import authenticate
 from gateway.db import MIGRATIONS_DIR, make_engine, migrate
-from gateway.models import Device, Role
+from gateway.registry.models import Device, Role
 from gateway.settings import GatewaySettings
 from gateway.telemetry.partitions import is_partition
 from provisioning.secrets import hash_secret

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.db import make_engine, migrate
-from gateway.models import Device, DeviceState
+from gateway.registry.models import Device, DeviceState
 from gateway.settings import GatewaySettings
 from gateway.telemetry import queries
 from gateway.telemetry.models import batches

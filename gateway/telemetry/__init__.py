@@ -14,5 +14,5 @@
 - `retention`: drops whole windows, days of chunks and weeks of rollups;
 - `maintenance`: the background job that runs compaction and retention on one replica;
 - `metrics`: Prometheus counters of all of the above;
-- `service`: starts ingest and maintenance for `edgefleet gateway run`.
+- `wiring`: starts ingest and maintenance in a running gateway.
 """

@@ -1,6 +1,6 @@
 """The telemetry background job: partitions, compaction and retention, on one replica.
 
-One thread per replica wakes every ``interval`` seconds. With PostgreSQL it first takes a
+One `Periodic` thread per replica wakes every ``interval`` seconds. With PostgreSQL it first takes a
 session advisory lock on a connection of its own for the pass: the replica holding it runs the
 pass, the others skip theirs; a replica killed mid-pass loses its connection, PostgreSQL
 releases the lock, and the next pass of another replica picks up the work (the compaction's
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from gateway.telemetry.retention import (
     Retention,
     RetentionResult,
 )
+from provisioning.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -74,35 +74,25 @@ class TelemetryMaintenance:
         self.metrics = metrics
         self.interval = interval
         self.retention_interval = retention_interval
-        self._stop = threading.Event()
-        self.compactor = Compactor(engine, compact_after, pace=compact_pace, stop=self._stop)
-        self.retention = Retention(engine, retention, rollup_retention, metrics, stop=self._stop)
+        self._periodic = Periodic("telemetry-maintenance", self._tick, interval)
+        stopping = self._periodic.stopping
+        self.compactor = Compactor(engine, compact_after, pace=compact_pace, stop=stopping)
+        self.retention = Retention(engine, retention, rollup_retention, metrics, stop=stopping)
         self._retention_due = 0.0
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._loop, name="telemetry-maintenance", daemon=True
-        )
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._periodic.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except (sa.exc.SQLAlchemyError, ValueError) as exc:
-                if self.metrics is not None:
-                    self.metrics.maintenance_errors.inc()
-                log.error("telemetry maintenance failed (%s); trying again later", exc)
+    def _tick(self) -> None:
+        try:
+            self.run_once()
+        except (sa.exc.SQLAlchemyError, ValueError) as exc:
+            if self.metrics is not None:
+                self.metrics.maintenance_errors.inc()
+            log.error("telemetry maintenance failed (%s); trying again later", exc)
 
     def run_once(self, now: float | None = None, *, retention: bool | None = None) -> PassResult:
         """One pass (retention when due, or as ``retention`` says; then the compaction)."""

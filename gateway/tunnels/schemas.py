@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.tunnels.addresses import PoolUsage
 from gateway.tunnels.models import HubRecord, TunnelRecord
-from provisioning.wg import normalize_key
+from provisioning.wireguard.keys import normalize_key
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
