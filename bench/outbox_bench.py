@@ -37,8 +37,8 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.outbox import Outbox
-from edge_agent.telemetry_sender import TelemetrySender
+from edge_agent.telemetry.outbox import Outbox
+from edge_agent.telemetry.sender import TelemetrySender
 from provisioning.telemetry import METRIC_PATTERN, Sample, encode_batch, parse_batch
 
 MiB = 1024 * 1024

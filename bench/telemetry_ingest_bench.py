@@ -52,14 +52,14 @@ from sqlmodel import Session
 
 from gateway.broker.dynsec import DynsecAdmin, generate_password
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.db import make_engine, migrate
-from gateway.models import Device
+from gateway.registry.models import Device
 from gateway.settings import GatewaySettings
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.models import batches
 from gateway.telemetry.store import WriteResult
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import Topics
 
 DEVICES = 8

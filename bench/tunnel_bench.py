@@ -32,12 +32,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from edge_agent.tunnel import TunnelEndpoint, TunnelPolicy, TunnelSession
-from gateway.tunnel import AddressPool, HubTunnel, TunnelHub
-from provisioning.wg import generate_keypair
+from edge_agent.tunnel.endpoint import TunnelEndpoint
+from edge_agent.tunnel.policy import TunnelPolicy
+from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub
+from provisioning.tunnel_command import TunnelOpenArgs
+from provisioning.wireguard.keys import generate_keypair
 from tests.support.netns import NetLab, http_get, missing_requirements, ns_socket
 from tests.support.tunnel_lab import TunnelLab
 from tests.support.waiting import wait_for
+from tests.support.wireguard import AddressPool, engineer_config
 
 HTTP_PORT, SINK_PORT, HUB_PORT = 8080, 5001, 51820
 NETWORK = "10.213.0.0/24"
@@ -83,9 +86,9 @@ class Bench:
         self.policy = TunnelPolicy(allowed=True, allowed_ports=frozenset({HTTP_PORT, SINK_PORT}))
         self.count = 0
 
-    def _session(self) -> TunnelSession:
+    def _session(self) -> TunnelOpenArgs:
         self.count += 1
-        return TunnelSession(
+        return TunnelOpenArgs(
             tunnel_id=f"bench-{self.count}",
             device_ip=self.pool.allocate(),
             engineer_ip=self.pool.allocate(),
@@ -123,8 +126,8 @@ class Bench:
         if not naive:
             endpoint.connect()
         t3 = time.perf_counter()
-        config = self.hub.engineer_config(
-            session.tunnel_id, eng_keys.private_key, f"{self.eng_link.a_ip}:{HUB_PORT}"
+        config = engineer_config(
+            self.hub, session.tunnel_id, eng_keys.private_key, f"{self.eng_link.a_ip}:{HUB_PORT}"
         )
         _iface, process = self.lab.wg_client("eng", config)
         t4 = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -18,23 +17,24 @@ from typing import Any, Protocol
 
 import httpx
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
 from edge_agent.command_inbox import CommandInbox
 from edge_agent.settings import AgentSettings
 from edge_agent.state import AgentState, Identity
+from provisioning.commands import CommandResult, PingResult
 from provisioning.jwt_rules import Command, TokenRejected
+from provisioning.mqtt import MqttEndpoint, make_client, start_client, stop_client
+from provisioning.states import CommandKind, CommandState
 from provisioning.wire import DeviceStatus, Reply, Topics
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_SECONDS = 30 * 24 * 3600
 
 Progress = Callable[[str, str | None], None]
-Handler = Callable[[Command, Progress], dict[str, Any]]
+Handler = Callable[[Command, Progress], CommandResult]
+"""Runs one command kind: reports progress, returns the result (`provisioning.commands`)."""
 
 
 class Component(Protocol):
@@ -73,49 +73,45 @@ class Agent:
             self.identity.enrollment.gateway_id,
             self.identity.device_id,
         )
-        self.handlers: dict[str, Handler] = {"ping": _ping, **(handlers or {})}
+        self.handlers: dict[str, Handler] = {CommandKind.ping: _ping, **(handlers or {})}
         self.components: list[Component] = list(components or [])
         self._work: queue.Queue[Command | None] = queue.Queue()
         self._stopped = threading.Event()
         self.connected = threading.Event()
         self._node_red_version_seen: str | None = None
         self._node_red_probed = False
+        broker = self.identity.enrollment.broker
+        self.endpoint = MqttEndpoint(
+            host=self.identity.broker_host,
+            port=broker.port,
+            tls=broker.tls,
+            username=broker.username,
+            password=broker.password,
+            ca_file=self.identity.ca_path,
+        )
         self.client = self._make_client()
 
     # ---- connection ---------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
         ident = self.identity
         broker = ident.enrollment.broker
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=broker.client_id,
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=True,
+        client = make_client(
+            self.endpoint,
+            broker.client_id,
+            name="agent",
+            on_connected=self._on_connect,
+            max_reconnect_delay=self.settings.max_reconnect_delay,
         )
-        client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            context = ssl.create_default_context(
-                cafile=str(ident.ca_path) if ident.ca_path else None
-            )
-            client.tls_set_context(context)
         offline = DeviceStatus(state="offline", agent_version=__version__)
         client.will_set(
             self.topics.status(ident.device_id), offline.model_dump_json(), qos=1, retain=True
         )
-        client.reconnect_delay_set(1, self.settings.max_reconnect_delay)
-        client.suppress_exceptions = True
-        client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         return client
 
-    def _on_connect(
-        self, client: mqtt.Client, _u: Any, flags: Any, reason_code: ReasonCode, _p: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("the broker refused the connection: %s", reason_code)
-            return
+    def _on_connect(self, client: mqtt.Client, flags: mqtt.ConnectFlags) -> None:
         log.info("connected to the broker (session present: %s)", flags.session_present)
         client.subscribe(self.topics.cmd(self.identity.device_id), qos=1)
         self.publish_status()
@@ -186,7 +182,10 @@ class Agent:
             command = self.inbox.verify(bytes(msg.payload))
         except TokenRejected as exc:
             log.warning("refused a command on %s: %s (%s)", msg.topic, exc, exc.reason)
-            self._reply(Reply(command_id="?", state="refused", detail=f"{exc.reason}: {exc}"))
+            refused = Reply(
+                command_id="?", state=CommandState.refused, detail=f"{exc.reason}: {exc}"
+            )
+            self._reply(refused)
             return
         self._work.put(command)  # never block paho's network thread
 
@@ -195,31 +194,30 @@ class Agent:
             seen = self.inbox.admit(command)
             if seen is not None:
                 log.info("command %s seen before; reporting its result again", command.id)
-                result = seen.result or {"state": "running"}
-                self._reply(
-                    Reply(
-                        command_id=command.id,
-                        state=str(result.get("state")),
-                        detail=result.get("detail"),
-                        data=result,
-                    )
-                )
+                self._report(command.id, seen.result or {"state": CommandState.running})
                 continue
-            result = self._execute(command)
+            result = self._execute(command).data()
             self.inbox.finish(command.id, result)
-            self._reply(
-                Reply(
-                    command_id=command.id,
-                    state=str(result["state"]),
-                    detail=result.get("detail"),
-                    data=result,
-                )
-            )
+            self._report(command.id, result)
 
-    def _execute(self, command: Command) -> dict[str, Any]:
+    def _report(self, command_id: str, result: dict[str, Any]) -> None:
+        """A command's result as its reply: its state and detail, and all of it as the data."""
+        detail = result.get("detail")
+        self._reply(
+            Reply(
+                command_id=command_id,
+                state=str(result.get("state")),
+                detail=detail if isinstance(detail, str) else None,
+                data=result,
+            )
+        )
+
+    def _execute(self, command: Command) -> CommandResult:
         handler = self.handlers.get(command.kind)
         if handler is None:
-            return {"state": "refused", "detail": f"unknown command {command.kind!r}"}
+            return CommandResult(
+                state=CommandState.refused, detail=f"unknown command {command.kind!r}"
+            )
 
         def progress(state: str, detail: str | None = None) -> None:
             self._reply(Reply(command_id=command.id, state=state, detail=detail))
@@ -228,7 +226,7 @@ class Agent:
             return handler(command, progress)
         except Exception as exc:
             log.exception("command %s (%s) failed", command.id, command.kind)
-            return {"state": "failed", "detail": str(exc)}
+            return CommandResult(state=CommandState.failed, detail=str(exc))
 
     def _reply(self, reply: Reply) -> None:
         reply.ts = time.time()
@@ -244,16 +242,13 @@ class Agent:
         for component in self.components:
             component.start(self)
         threading.Thread(target=self._watch_node_red, name="node-red-probe", daemon=True).start()
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-        self.client.connect_async(
-            self.identity.broker_host,
-            self.identity.enrollment.broker.port,
+        start_client(
+            self.client,
+            self.endpoint,
             keepalive=self.settings.keepalive,
             clean_start=False,
-            properties=props,
+            session_expiry=SESSION_EXPIRY_SECONDS,
         )
-        self.client.loop_start()
         log.info(
             "agent %s running; broker %s:%d",
             self.identity.device_id,
@@ -265,8 +260,7 @@ class Agent:
             component.stop()
         if self.connected.is_set():
             self.publish_status("offline").wait_for_publish(timeout=5)
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_client(self.client)
         self._work.put(None)
         worker.join(timeout=10)
         self.inbox.close()
@@ -275,5 +269,7 @@ class Agent:
         self._stopped.set()
 
 
-def _ping(command: Command, _progress: Callable[[str, str | None], None]) -> dict[str, Any]:
-    return {"state": "succeeded", "detail": "pong", "echo": json.loads(json.dumps(command.args))}
+def _ping(command: Command, _progress: Progress) -> PingResult:
+    return PingResult(
+        state=CommandState.succeeded, detail="pong", echo=json.loads(json.dumps(command.args))
+    )

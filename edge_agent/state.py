@@ -8,31 +8,18 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import keys
+from provisioning.files import write_private
 from provisioning.wire import EnrollResponse
 
 
 class NotEnrolled(RuntimeError):
     pass
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -61,12 +48,13 @@ class AgentState:
         return self.directory / "claim-code.txt"
 
     def save(self, gateway_url: str, response: EnrollResponse) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         if response.broker.ca_cert:
-            write_private_file(self.ca_path, response.broker.ca_cert.encode())
+            write_private(self.ca_path, response.broker.ca_cert)
         record = {"gateway_url": gateway_url, **response.model_dump(exclude={"claim_code"})}
-        write_private_file(self.identity_path, json.dumps(record, indent=2).encode())
+        write_private(self.identity_path, json.dumps(record, indent=2))
         if response.claim_code:
-            write_private_file(self.claim_code_path, (response.claim_code + "\n").encode())
+            write_private(self.claim_code_path, response.claim_code + "\n")
         else:
             self.claim_code_path.unlink(missing_ok=True)
 

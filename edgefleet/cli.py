@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from edgefleet import (
     cmd_accounts,
     cmd_agent,
+    cmd_deployments,
     cmd_flows,
     cmd_gateway,
     cmd_operator,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_accounts.register(sub)
     cmd_tunnel.register(sub)
     cmd_flows.register(sub)
+    cmd_deployments.register(sub)
     cmd_telemetry.register(sub)
     return parser
 

@@ -7,38 +7,23 @@ import argparse
 import getpass
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgefleet import credentials
 from edgefleet.client import GatewayClient
-from edgefleet.cmd_operator import add_connection_options, client_of
+from edgefleet.cmd_operator import client_of
 from edgefleet.output import (
     CommandError,
     ago,
     parse_duration,
     print_json,
     print_table,
+    printed_as_json,
     until,
 )
+from edgefleet.parsers import Subparsers, command, group, operator
 
-if TYPE_CHECKING:
-    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 ROLES = ["admin", "operator", "support", "viewer", "customer-admin", "customer-viewer"]
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-
-
-def _leaf(sub: SubParsers, name: str, help_text: str, func: Any, **kwargs: Any) -> Any:
-    parser = sub.add_parser(name, help=help_text, **kwargs)
-    parser.set_defaults(func=func)
-    return parser
-
-
-def _finish(parser: argparse.ArgumentParser) -> None:
-    _json_flag(parser)
-    add_connection_options(parser)
 
 
 def _password(args: argparse.Namespace, prompt: str = "password: ") -> str:
@@ -52,7 +37,7 @@ def _password(args: argparse.Namespace, prompt: str = "password: ") -> str:
     return getpass.getpass(prompt)
 
 
-def register(sub: SubParsers) -> None:
+def register(sub: Subparsers) -> None:
     _register_login(sub)
     _register_users(sub)
     _register_customers(sub)
@@ -63,16 +48,17 @@ def register(sub: SubParsers) -> None:
 # ---- login / logout ---------------------------------------------------------------------------
 
 
-def _register_login(sub: SubParsers) -> None:
-    login = _leaf(
+def _register_login(sub: Subparsers) -> None:
+    login = command(
         sub,
-        "login",
-        "log in and keep an API token of your own for the next commands",
         _login,
+        "login",
+        help="log in and keep an API token of your own for the next commands",
         description="Trade your email and password for an API token of your own (never more "
         "than your role), kept in $XDG_CONFIG_HOME/edgefleet/credentials.json (mode 0600). "
         "Later commands use it when EDGEFLEET_TOKEN and --token are not given.",
         epilog="example: edgefleet login --gateway https://gw.example.com --email me@example.com",
+        parents=operator(),
     )
     login.add_argument("--email", required=True, metavar="EMAIL")
     login.add_argument(
@@ -80,14 +66,13 @@ def _register_login(sub: SubParsers) -> None:
     )
     login.add_argument("--expires", default="30d", help="how long the token lives (default 30d)")
     login.add_argument("--name", help="the token's name (default: cli-HOSTNAME)")
-    _finish(login)
-    logout = _leaf(
+    command(
         sub,
-        "logout",
-        "revoke the token `edgefleet login` kept, and forget it",
         _logout,
+        "logout",
+        help="revoke the token `edgefleet login` kept, and forget it",
+        parents=operator(),
     )
-    _finish(logout)
 
 
 def _login(args: argparse.Namespace) -> None:
@@ -105,8 +90,9 @@ def _login(args: argparse.Namespace) -> None:
     made = GatewayClient(gateway, "login").post("/auth/token", json=body)
     saved = credentials.Saved(gateway.rstrip("/"), made["token"], made["id"], args.email)
     where = credentials.save(saved)
-    if args.json:
-        print_json({k: v for k, v in made.items() if k != "token"} | {"credentials": str(where)})
+    if printed_as_json(
+        args, {k: v for k, v in made.items() if k != "token"} | {"credentials": str(where)}
+    ):
         return
     print(f"logged in as {args.email} ({made['role']}); token {made['id']} kept in {where}")
     print(f"it expires {until(made['expires_at'])}; edgefleet logout revokes it")
@@ -133,16 +119,16 @@ def _logout(args: argparse.Namespace) -> None:
 # ---- users ------------------------------------------------------------------------------------
 
 
-def _register_users(sub: SubParsers) -> None:
-    users = sub.add_parser(
+def _register_users(sub: Subparsers) -> None:
+    usub = group(
+        sub,
         "users",
         help="people: the manufacturer's staff and the customers' users",
         description="Roles: admin, operator (flows, tunnels), support (tunnels, reading), viewer "
         "for the manufacturer; customer-admin (its users, machines, support consent) and "
         "customer-viewer for a customer. A customer-admin manages its own customer's users.",
     )
-    usub = users.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = _leaf(usub, "create", "create a user", _users_create)
+    create = command(usub, _users_create, "create", help="create a user", parents=operator())
     create.add_argument("email", metavar="EMAIL")
     create.add_argument("--role", required=True, choices=ROLES)
     create.add_argument("--customer", help="the customer (name or id) of a customer role")
@@ -151,18 +137,18 @@ def _register_users(sub: SubParsers) -> None:
         action="store_true",
         help="read the password from standard input (none: single sign-on only)",
     )
-    _finish(create)
-    listing = _leaf(usub, "list", "list users", _users_list)
+    listing = command(usub, _users_list, "list", help="list users", parents=operator())
     listing.add_argument("--customer", help="only this customer's users ('-': staff only)")
-    _finish(listing)
-    show = _leaf(usub, "show", "one user", _users_show)
+    show = command(usub, _users_show, "show", help="one user", parents=operator())
     show.add_argument("user", metavar="USER", help="email or user id")
-    _finish(show)
-    disable = _leaf(
-        usub, "disable", "disable a user: sessions end, tokens stop working", _users_disable
+    disable = command(
+        usub,
+        _users_disable,
+        "disable",
+        help="disable a user: sessions end, tokens stop working",
+        parents=operator(),
     )
     disable.add_argument("user", metavar="USER", help="email or user id")
-    _finish(disable)
 
 
 def _user_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
@@ -190,50 +176,41 @@ def _users_create(args: argparse.Namespace) -> None:
         "password": _password(args, "new user's password: ") if args.password_stdin else None,
     }
     made = client_of(args).post("/users", json=body)
-    if args.json:
-        print_json(made)
-    else:
+    if not printed_as_json(args, made):
         print(f"user {made['id']} {made['email']} ({made['role']}) created")
 
 
 def _users_list(args: argparse.Namespace) -> None:
     params = {"customer": args.customer} if args.customer else None
     items = client_of(args).get_all("/users", params=params)
-    if args.json:
-        print_json(items)
-    else:
+    if not printed_as_json(args, items):
         print_table(_USER_HEADERS, _user_rows(items))
 
 
 def _users_show(args: argparse.Namespace) -> None:
     item = client_of(args).get(f"/users/{args.user}")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print_table(_USER_HEADERS, _user_rows([item]))
 
 
 def _users_disable(args: argparse.Namespace) -> None:
     item = client_of(args).post(f"/users/{args.user}/disable")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"user {item['email']} is disabled: sessions ended, tokens refused")
 
 
 # ---- customers --------------------------------------------------------------------------------
 
 
-def _register_customers(sub: SubParsers) -> None:
-    customers = sub.add_parser("customers", help="the organisations that own machines")
-    csub = customers.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = _leaf(csub, "create", "create a customer (an admin)", _customers_create)
+def _register_customers(sub: Subparsers) -> None:
+    csub = group(sub, "customers", help="the organisations that own machines")
+    create = command(
+        csub, _customers_create, "create", help="create a customer (an admin)", parents=operator()
+    )
     create.add_argument("name", metavar="NAME")
-    _finish(create)
-    _finish(_leaf(csub, "list", "list customers", _customers_list))
-    show = _leaf(csub, "show", "one customer", _customers_show)
+    command(csub, _customers_list, "list", help="list customers", parents=operator())
+    show = command(csub, _customers_show, "show", help="one customer", parents=operator())
     show.add_argument("customer", metavar="CUSTOMER", help="name or id")
-    _finish(show)
 
 
 def _customer_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
@@ -244,55 +221,49 @@ def _customer_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
 
 def _customers_create(args: argparse.Namespace) -> None:
     made = client_of(args).post("/customers", json={"name": args.name})
-    if args.json:
-        print_json(made)
-    else:
+    if not printed_as_json(args, made):
         print(f"customer {made['id']} {made['name']} created")
 
 
 def _customers_list(args: argparse.Namespace) -> None:
     items = client_of(args).get_all("/customers")
-    if args.json:
-        print_json(items)
-    else:
+    if not printed_as_json(args, items):
         print_table(["ID", "NAME", "SUPPORT CONSENT"], _customer_rows(items))
 
 
 def _customers_show(args: argparse.Namespace) -> None:
     item = client_of(args).get(f"/customers/{args.customer}")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print_table(["ID", "NAME", "SUPPORT CONSENT"], _customer_rows([item]))
 
 
 # ---- API tokens -------------------------------------------------------------------------------
 
 
-def _register_api_tokens(sub: SubParsers) -> None:
-    tokens = sub.add_parser(
+def _register_api_tokens(sub: Subparsers) -> None:
+    tsub = group(
+        sub,
         "api-tokens",
         help="your API tokens for scripts (hashed, named, expiring, never above your role)",
     )
-    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = _leaf(tsub, "create", "make a token (printed once)", _tokens_create)
+    create = command(
+        tsub, _tokens_create, "create", help="make a token (printed once)", parents=operator()
+    )
     create.add_argument("--name", required=True)
     create.add_argument("--role", choices=ROLES, help="at most yours (default: yours)")
     create.add_argument("--expires", default="90d", help="lifetime, e.g. 30d (default 90d)")
-    _finish(create)
-    listing = _leaf(tsub, "list", "your tokens (an admin: everybody's)", _tokens_list)
+    listing = command(
+        tsub, _tokens_list, "list", help="your tokens (an admin: everybody's)", parents=operator()
+    )
     listing.add_argument("--all", action="store_true", help="include revoked tokens")
-    _finish(listing)
-    revoke = _leaf(tsub, "revoke", "revoke a token", _tokens_revoke)
+    revoke = command(tsub, _tokens_revoke, "revoke", help="revoke a token", parents=operator())
     revoke.add_argument("token_id", metavar="TOKEN_ID")
-    _finish(revoke)
 
 
 def _tokens_create(args: argparse.Namespace) -> None:
     body = {"name": args.name, "role": args.role, "ttl_seconds": parse_duration(args.expires)}
     made = client_of(args).post("/api-tokens", json=body)
-    if args.json:
-        print_json(made)
+    if printed_as_json(args, made):
         return
     print(made["token"])
     print(
@@ -304,8 +275,7 @@ def _tokens_create(args: argparse.Namespace) -> None:
 def _tokens_list(args: argparse.Namespace) -> None:
     params = {"include_revoked": "true" if args.all else "false"}
     items = client_of(args).get_all("/api-tokens", params=params)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [
@@ -325,17 +295,16 @@ def _tokens_list(args: argparse.Namespace) -> None:
 
 def _tokens_revoke(args: argparse.Namespace) -> None:
     item = client_of(args).delete(f"/api-tokens/{args.token_id}")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"token {item['id']} is {item['state']}")
 
 
 # ---- support consent --------------------------------------------------------------------------
 
 
-def _register_support(sub: SubParsers) -> None:
-    support = sub.add_parser(
+def _register_support(sub: Subparsers) -> None:
+    ssub = group(
+        sub,
         "support",
         help="support consent: when the manufacturer may open tunnels to your machines",
         description="A customer-admin may require consent for support. Then a support tunnel "
@@ -349,17 +318,35 @@ def _register_support(sub: SubParsers) -> None:
         "  edgefleet support revoke",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ssub = support.add_subparsers(dest="action", required=True, metavar="ACTION")
-    require = _leaf(ssub, "require", "require consent for support (on) or not (off)", _require)
+    require = command(
+        ssub,
+        _require,
+        "require",
+        help="require consent for support (on) or not (off)",
+        parents=operator(),
+    )
     require.add_argument("setting", choices=["on", "off"])
-    grant = _leaf(ssub, "grant", "let support connect from now for a while", _grant)
+    grant = command(
+        ssub, _grant, "grant", help="let support connect from now for a while", parents=operator()
+    )
     grant.add_argument("--for", dest="duration", required=True, help="how long, e.g. 24h")
     grant.add_argument("--note", default="", help="why (kept in the audit log)")
-    revoke = _leaf(ssub, "revoke", "end every open window now; live tunnels close", _revoke)
-    status = _leaf(ssub, "status", "whether support may connect now, and recent windows", _status)
+    revoke = command(
+        ssub,
+        _revoke,
+        "revoke",
+        help="end every open window now; live tunnels close",
+        parents=operator(),
+    )
+    status = command(
+        ssub,
+        _status,
+        "status",
+        help="whether support may connect now, and recent windows",
+        parents=operator(),
+    )
     for parser in (require, grant, revoke, status):
         parser.add_argument("--customer", help="the customer (default: yours)")
-        _finish(parser)
 
 
 def _customer_of(args: argparse.Namespace, client: GatewayClient) -> str:
@@ -390,9 +377,7 @@ def _require(args: argparse.Namespace) -> None:
     status = client.request(
         "PUT", f"/customers/{customer}/support", json={"required": args.setting == "on"}
     )
-    if args.json:
-        print_json(status)
-    else:
+    if not printed_as_json(args, status):
         _print_status(status)
 
 
@@ -401,9 +386,7 @@ def _grant(args: argparse.Namespace) -> None:
     customer = _customer_of(args, client)
     body = {"seconds": parse_duration(args.duration), "note": args.note}
     made = client.post(f"/customers/{customer}/support/grants", json=body)
-    if args.json:
-        print_json(made)
-    else:
+    if not printed_as_json(args, made):
         print(
             f"support may connect until {made['ends_at'][:16]} UTC ({until(made['ends_at'])}); "
             "end it early with: edgefleet support revoke"
@@ -414,8 +397,7 @@ def _revoke(args: argparse.Namespace) -> None:
     client = client_of(args)
     customer = _customer_of(args, client)
     result = client.post(f"/customers/{customer}/support/revoke")
-    if args.json:
-        print_json(result)
+    if printed_as_json(args, result):
         return
     closed = ", ".join(result["tunnels_closed"]) or "none"
     print(f"{result['grants_revoked']} window(s) ended; tunnels closed: {closed}")
@@ -424,7 +406,5 @@ def _revoke(args: argparse.Namespace) -> None:
 def _status(args: argparse.Namespace) -> None:
     client = client_of(args)
     status = client.get(f"/customers/{_customer_of(args, client)}/support")
-    if args.json:
-        print_json(status)
-    else:
+    if not printed_as_json(args, status):
         _print_status(status)

@@ -11,18 +11,21 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from edgefleet.output import CommandError, parse_duration, print_json
+from edgefleet.output import CommandError, make_settings, parse_duration, print_json
+from edgefleet.parsers import Subparsers, command, group
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    agent = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    asub = group(
+        sub,
         "agent",
         help="the edge agent that runs on each machine",
         description="The edge agent runs beside Node-RED on a machine: it holds the machine's "
         "key, reports its status, applies flow pushes and opens support tunnels.",
     )
-    asub = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
-    enroll = asub.add_parser(
+    enroll = command(
+        asub,
+        _enroll,
         "enroll",
         help="register this machine with a gateway",
         description="Generate this machine's key pair (EC P-256; the private key stays here, "
@@ -49,9 +52,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _state_dir(enroll)
     enroll.add_argument("--json", action="store_true", help="print one JSON document")
-    enroll.set_defaults(func=_enroll)
 
-    run = asub.add_parser(
+    run = command(
+        asub,
+        _run,
         "run",
         help="run the agent in the foreground",
         description="Connect to the broker with this machine's credential, publish its status "
@@ -91,7 +95,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="WireGuard interface name for the tunnel (default eftun0)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    run.set_defaults(func=_run)
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
@@ -117,13 +120,7 @@ def _settings(args: argparse.Namespace) -> Any:
             overrides[name] = getattr(args, name)
     if getattr(args, "tunnel_max_ttl", None):
         overrides["tunnel_max_ttl"] = parse_duration(args.tunnel_max_ttl)
-    from pydantic import ValidationError
-
-    try:
-        return AgentSettings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CommandError(f"bad setting: {problems}", 2) from exc
+    return make_settings(AgentSettings, overrides)
 
 
 def _enroll(args: argparse.Namespace) -> None:

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+import types
+import typing
 from typing import Any
 
-from edgefleet.output import CommandError, parse_duration, print_json
+from edgefleet.output import CommandError, make_settings, parse_duration, printed_as_json, span
+from edgefleet.parsers import Subparsers, command, group, load_options_when_used
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    gateway = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    gsub = group(
+        sub,
         "gateway",
         help="run the manufacturer-side gateway",
         description="The gateway keeps the device registry, runs (or connects to) the MQTT broker "
         "and serves the HTTP API.",
     )
-    gsub = gateway.add_subparsers(dest="action", required=True, metavar="ACTION")
-    run = gsub.add_parser(
+    run = command(
+        gsub,
+        _run,
         "run",
         help="start the gateway in the foreground",
         description="Start the gateway. On its embedded defaults it keeps SQLite and a Mosquitto "
@@ -34,113 +38,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--mqtt-url mqtts://gw:secret@broker:8883 --mqtt-ca-file ca.pem",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _data_options(run)
-    run.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        help="where the HTTP API listens (default 0.0.0.0:8080; $EDGEFLEET_HTTP)",
-    )
-    broker = run.add_mutually_exclusive_group()
-    broker.add_argument(
-        "--mqtt-port",
-        type=int,
-        metavar="PORT",
-        help="port of the embedded Mosquitto, TLS (default 8883)",
-    )
-    broker.add_argument(
-        "--mqtt-url",
-        metavar="URL",
-        help="use an external broker instead (mqtts://user:pass@host:port)",
-    )
-    run.add_argument(
-        "--broker-kind",
-        choices=["mosquitto", "emqx"],
-        help="how machine credentials reach the broker: mosquitto (dynamic security, default) "
-        "or emqx (EMQX asks this gateway's HTTP hooks; needs --mqtt-url)",
-    )
-    run.add_argument(
-        "--mqtt-ca-file",
-        type=Path,
-        metavar="PEM",
-        help="CA of the external broker, handed to machines at enrollment",
-    )
-    run.add_argument(
-        "--public-host",
-        metavar="HOST",
-        help="name machines use to reach this host (put in the broker certificate)",
-    )
-    run.add_argument("--topic-prefix", metavar="PREFIX", help="MQTT topic prefix (default fleet)")
-    run.add_argument(
-        "--signing-key",
-        type=Path,
-        metavar="PEM",
-        dest="signing_key_file",
-        help="the command-signing key; replicas of a cluster share one",
-    )
-    run.add_argument(
-        "--replica-name",
-        metavar="NAME",
-        help="this replica's name for its MQTT sessions (default: from host and data dir)",
-    )
-    run.add_argument(
-        "--telemetry-retention",
-        metavar="AGE",
-        help="delete samples older than this, e.g. 30d or 12h (default 30d)",
-    )
-    tunnels = run.add_argument_group("support tunnels (the hub runs on one replica only)")
-    tunnels.add_argument(
-        "--tunnel-hub",
-        action="store_true",
-        default=None,
-        help="run the WireGuard tunnel hub on this replica (needs root or CAP_NET_ADMIN)",
-    )
-    tunnels.add_argument(
-        "--tunnel-endpoint",
-        metavar="HOST:PORT",
-        help="public UDP address machines and engineers dial to reach the hub",
-    )
-    tunnels.add_argument(
-        "--tunnel-listen-port", type=int, metavar="PORT", help="hub UDP port (default 51820)"
-    )
-    tunnels.add_argument(
-        "--tunnel-interface", metavar="NAME", help="hub interface name (default efhub0)"
-    )
-    tunnels.add_argument(
-        "--tunnel-network", metavar="CIDR", help="tunnel address pool (default 10.213.0.0/16)"
-    )
-    tunnels.add_argument("--tunnel-mtu", type=int, metavar="MTU", help="default 1280")
-    tunnels.add_argument(
-        "--tunnel-max-ttl",
-        type=_duration,
-        metavar="DURATION",
-        help="longest tunnel an operator may open, e.g. 4h (default 12h)",
-    )
-    limits = run.add_argument_group(
-        "load",
-        "beyond these the gateway answers 503 with Retry-After; more in EDGEFLEET_HTTP_* "
-        "(queue timeout, header, body and read timeouts)",
-    )
-    limits.add_argument(
-        "--http-max-in-flight",
-        type=int,
-        metavar="N",
-        help="API requests run at once, the rest wait briefly (default 8)",
-    )
-    limits.add_argument(
-        "--http-max-connections",
-        type=int,
-        metavar="N",
-        help="open HTTP connections; more are closed at once (default 2000)",
-    )
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    run.set_defaults(func=_run)
+    load_options_when_used(run, _run_options)
 
-    admin = sub.add_parser(
+    asub = group(
+        sub,
         "admin",
         help="local administration on the gateway host (talks to the database directly)",
     )
-    asub = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = asub.add_parser(
+    create = command(
+        asub,
+        _create_token,
         "create-token",
         help="make the bootstrap token that creates the first admin user",
         description="Create a bootstrap token directly in the database. It does one thing: "
@@ -154,12 +61,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "  unset EDGEFLEET_TOKEN; edgefleet login --email ops@example.com --password-stdin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _data_options(create)
-    create.add_argument("--json", action="store_true", help="print one JSON document")
-    # Scripts written before people had accounts pass --role admin: still accepted, and
-    # any other role is refused with the reason, not an argparse error about a flag.
-    create.add_argument("--role", help=argparse.SUPPRESS)
-    create.set_defaults(func=_create_token)
+    load_options_when_used(create, _create_token_options)
 
 
 def _duration(text: str) -> int:
@@ -169,79 +71,97 @@ def _duration(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="gateway data directory (default ./edgefleet-data)",
-    )
-    parser.add_argument(
-        "--db",
-        metavar="URL",
-        dest="db_url",
-        help="database URL, e.g. postgresql://user@host/db (default: SQLite in the data directory)",
-    )
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    setting_flags(parser)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
 
 
-def _settings(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
-    from pydantic import ValidationError
+def _create_token_options(parser: argparse.ArgumentParser) -> None:
+    setting_flags(parser, only=DATA_SETTINGS)
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    # Scripts written before people had accounts pass --role admin: still accepted, and
+    # any other role is refused with the reason, not an argparse error about a flag.
+    parser.add_argument("--role", help=argparse.SUPPRESS)
 
+
+#: The settings `admin create-token` takes: where the gateway's data is.
+DATA_SETTINGS = ("data_dir", "db_url")
+
+
+def flagged_settings(only: tuple[str, ...] | None = None) -> list[tuple[str, Any, Any]]:
+    """(name, field, Flag) of each `GatewaySettings` field marked as an option, in field order."""
+    from gateway.settings import Flag, GatewaySettings
+
+    found = []
+    for name, field in GatewaySettings.model_fields.items():
+        flag = next((m for m in field.metadata if isinstance(m, Flag)), None)
+        if flag is not None and (only is None or name in only):
+            found.append((name, field, flag))
+    return found
+
+
+def setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add an option per setting marked as one (see `gateway.settings.Flag`). Unset options
+    stay None, so the environment and the defaults still apply."""
+    groups: dict[str, Any] = {}
+    for name, field, flag in flagged_settings(only):
+        container: Any = parser
+        if flag.group is not None:
+            if flag.group not in groups:
+                groups[flag.group] = parser.add_argument_group(flag.group)
+            container = groups[flag.group]
+        if flag.exclusive is not None:
+            key = f"exclusive: {flag.exclusive}"
+            if key not in groups:
+                groups[key] = container.add_mutually_exclusive_group()
+            container = groups[key]
+        options: dict[str, Any] = {"dest": name}
+        kind = _value_type(field.annotation)
+        if kind is bool:
+            options.update(action="store_true", default=None)
+        elif isinstance(kind, tuple):
+            options["choices"] = list(kind)
+        elif flag.duration:
+            options["type"] = _duration
+        elif kind is not str:
+            options["type"] = kind
+        if flag.metavar is not None:
+            options["metavar"] = flag.metavar
+        default = field.default
+        shown = span(default) if flag.duration else str(default)
+        options["help"] = (field.description or "").replace("{default}", shown)
+        container.add_argument(flag.name or "--" + name.replace("_", "-"), **options)
+
+
+def _value_type(annotation: Any) -> Any:
+    """The type of a setting's value for argparse: bool, int, Path... or a tuple of choices."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(args)
+    if args and typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        return _value_type(args[0])
+    return annotation
+
+
+def _settings(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> Any:
     from gateway.settings import GatewaySettings
 
+    names = [name for name, _field, _flag in flagged_settings(only)]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    try:
-        return GatewaySettings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CommandError(f"bad setting: {problems}", 2) from exc
+    return make_settings(GatewaySettings, overrides)
 
 
 def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = _settings(
-        args,
-        (
-            "data_dir",
-            "http",
-            "db_url",
-            "mqtt_port",
-            "mqtt_url",
-            "mqtt_ca_file",
-            "public_host",
-            "broker_kind",
-            "topic_prefix",
-            "signing_key_file",
-            "replica_name",
-            "telemetry_retention",
-            "tunnel_hub",
-            "tunnel_endpoint",
-            "tunnel_listen_port",
-            "tunnel_interface",
-            "tunnel_network",
-            "tunnel_mtu",
-            "tunnel_max_ttl",
-            "http_max_in_flight",
-            "http_max_connections",
-        ),
-    )
-    from gateway.broker.dynsec import BrokerError
-    from gateway.broker.mosquitto import PortInUseError
-    from gateway.db import DatabaseUnavailable
-    from gateway.server import StartupError, run_gateway
-    from gateway.tunnels.setup import TunnelSetupError
+    settings = _settings(args)
+    from gateway.errors import StartupError
+    from gateway.server import run_gateway
 
     try:
         run_gateway(settings)
-    except (
-        StartupError,
-        PortInUseError,
-        DatabaseUnavailable,
-        BrokerError,
-        TunnelSetupError,
-    ) as exc:
+    except StartupError as exc:
         raise CommandError(str(exc), 2) from exc
 
 
@@ -252,11 +172,12 @@ def _create_token(args: argparse.Namespace) -> None:
             "bootstrap tokens (people get their own: edgefleet users create, edgefleet login)",
             2,
         )
-    settings = _settings(args, ("data_dir", "db_url"))
+    settings = _settings(args, DATA_SETTINGS)
     from gateway.accounts.api_tokens import create_bootstrap
     from gateway.accounts.users import admin_exists
     from gateway.data_dir import secure_data_dir
-    from gateway.db import DatabaseUnavailable, make_engine, migrate, session_scope
+    from gateway.db import make_engine, migrate, session_scope
+    from gateway.errors import DatabaseUnavailable
 
     if settings.is_sqlite:  # it may create the database (and its -wal/-shm) in the data dir
         secure_data_dir(settings.data_dir)
@@ -275,7 +196,5 @@ def _create_token(args: argparse.Namespace) -> None:
         raise CommandError(str(exc), 2) from exc
     finally:
         engine.dispose()
-    if args.json:
-        print_json({"id": issued.row.id, "kind": "bootstrap", "token": issued.token})
-    else:
+    if not printed_as_json(args, {"id": issued.row.id, "kind": "bootstrap", "token": issued.token}):
         print(issued.token)

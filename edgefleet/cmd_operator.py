@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
@@ -17,26 +16,14 @@ from edgefleet.output import (
     parse_tags,
     print_json,
     print_table,
+    printed_as_json,
     until,
 )
+from edgefleet.parsers import Subparsers, command, group, operator
+from provisioning.states import CommandState
 
-
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("gateway connection")
-    group.add_argument(
-        "--gateway",
-        default=os.environ.get("EDGEFLEET_GATEWAY", ""),
-        help="gateway URL (default: $EDGEFLEET_GATEWAY, else the one you logged in to)",
-    )
-    group.add_argument(
-        "--token",
-        default=os.environ.get("EDGEFLEET_TOKEN", ""),
-        help="API token (default: $EDGEFLEET_TOKEN, else the one `edgefleet login` keeps)",
-    )
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+#: A ping is answered once the command is in one of these.
+ANSWERED = (CommandState.succeeded, CommandState.failed, CommandState.refused)
 
 
 def connection(args: argparse.Namespace) -> tuple[str, str]:
@@ -53,22 +40,24 @@ def client_of(args: argparse.Namespace, timeout: float = 30.0) -> GatewayClient:
     return GatewayClient(*connection(args), timeout=timeout)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Subparsers) -> None:
     _register_tokens(sub)
     _register_devices(sub)
     _register_audit(sub)
 
 
-def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tokens = sub.add_parser(
+def _register_tokens(sub: Subparsers) -> None:
+    tsub = group(
+        sub,
         "token",
         help="provisioning tokens that enroll new machines",
         description="Provisioning tokens enroll new machines. A token is random, stored only as "
         "a hash, expires, counts its uses and gives its tags to every machine it enrolls.",
         epilog="example: edgefleet token create --tag site=plant-3 --ttl 1h --uses 5",
     )
-    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = tsub.add_parser("create", help="make a token (printed once)")
+    create = command(
+        tsub, _token_create, "create", help="make a token (printed once)", parents=operator()
+    )
     create.add_argument(
         "--tag",
         action="append",
@@ -85,18 +74,17 @@ def _register_tokens(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="machines it enrolls belong to this customer (default: into stock, each with a "
         "claim code)",
     )
-    _json_flag(create)
-    add_connection_options(create)
-    create.set_defaults(func=_token_create)
-    listing = tsub.add_parser("list", help="list tokens with their state and uses")
-    _json_flag(listing)
-    add_connection_options(listing)
-    listing.set_defaults(func=_token_list)
-    revoke = tsub.add_parser("revoke", help="stop a token from enrolling more machines")
+    command(
+        tsub, _token_list, "list", help="list tokens with their state and uses", parents=operator()
+    )
+    revoke = command(
+        tsub,
+        _token_revoke,
+        "revoke",
+        help="stop a token from enrolling more machines",
+        parents=operator(),
+    )
     revoke.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (pt-...)")
-    _json_flag(revoke)
-    add_connection_options(revoke)
-    revoke.set_defaults(func=_token_revoke)
 
 
 def _token_create(args: argparse.Namespace) -> None:
@@ -108,8 +96,7 @@ def _token_create(args: argparse.Namespace) -> None:
         "customer": args.customer,
     }
     created = client_of(args).post("/provisioning-tokens", json=body)
-    if args.json:
-        print_json(created)
+    if printed_as_json(args, created):
         return
     print(created["token"])
     print(
@@ -136,17 +123,13 @@ def _token_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
 
 def _token_list(args: argparse.Namespace) -> None:
     items = client_of(args).get_all("/provisioning-tokens")
-    if args.json:
-        print_json(items)
-    else:
+    if not printed_as_json(args, items):
         print_table(["ID", "STATE", "USES", "EXPIRES", "TAGS", "NOTE"], _token_rows(items))
 
 
 def _token_revoke(args: argparse.Namespace) -> None:
     item = client_of(args).delete(f"/provisioning-tokens/{args.token_id}")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"token {item['id']} is {item['state']}")
 
 
@@ -154,22 +137,25 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("device", metavar="DEVICE", help="the machine's name or device id")
 
 
-def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    devices = sub.add_parser(
+def _register_devices(sub: Subparsers) -> None:
+    dsub = group(
+        sub,
         "devices",
         help="the machines in the registry",
         description="List, show, label, assign, claim and revoke machines. Every DEVICE is a "
         "machine's name or its device id (names are unique within a customer; a name several "
         "machines share is an error that lists them).",
     )
-    dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = dsub.add_parser(
+    listing = command(
+        dsub,
+        _devices_list,
         "list",
         help="machines with owner, tags, online state, last seen",
         epilog="examples:\n"
         "  edgefleet devices list --tag site=plant-3 --offline\n"
         "  edgefleet devices list --customer acme --name-prefix press-",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=operator(),
     )
     listing.add_argument(
         "--tag",
@@ -186,77 +172,74 @@ def _register_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--name-prefix", metavar="PREFIX", help="only names starting so")
     listing.add_argument("--all", action="store_true", help="include revoked machines")
     listing.add_argument("--limit", type=int, help="at most this many (default: all)")
-    _json_flag(listing)
-    add_connection_options(listing)
-    listing.set_defaults(func=_devices_list)
-    show = dsub.add_parser(
-        "show", help="one machine in full, with its health (last seen, Node-RED, outbox, release)"
+    show = command(
+        dsub,
+        _devices_show,
+        "show",
+        help="one machine in full, with its health (last seen, Node-RED, outbox, release)",
+        parents=operator(),
     )
     _device_arg(show)
-    _json_flag(show)
-    add_connection_options(show)
-    show.set_defaults(func=_devices_show)
-    ping = dsub.add_parser(
+    ping = command(
+        dsub,
+        _devices_ping,
         "ping",
         help="send a signed ping and wait for the machine to answer",
         description="Checks the whole command path: the gateway signs a command, the broker "
         "delivers it, the agent verifies it and answers. A machine that is offline gets the "
         "ping when it comes back (within 5 minutes).",
+        parents=operator(),
     )
     _device_arg(ping)
     ping.add_argument("--timeout", default="10s", help="how long to wait (default 10s)")
-    _json_flag(ping)
-    add_connection_options(ping)
-    ping.set_defaults(func=_devices_ping)
-    revoke = dsub.add_parser(
+    revoke = command(
+        dsub,
+        _devices_revoke,
         "revoke",
         help="take a machine out: disconnect it, remove its credential, refuse its JWTs",
+        parents=operator(),
     )
     _device_arg(revoke)
-    _json_flag(revoke)
-    add_connection_options(revoke)
-    revoke.set_defaults(func=_devices_revoke)
-    rename = dsub.add_parser("rename", help="give a machine a new name")
+    rename = command(
+        dsub, _devices_rename, "rename", help="give a machine a new name", parents=operator()
+    )
     _device_arg(rename)
     rename.add_argument("name", metavar="NEW_NAME")
-    _json_flag(rename)
-    add_connection_options(rename)
-    rename.set_defaults(func=_devices_rename)
-    tag = dsub.add_parser(
+    tag = command(
+        dsub,
+        _devices_tag,
         "tag",
         help="set and remove a machine's tags",
         epilog="example: edgefleet devices tag press-07 line=B shift=2 --remove old",
+        parents=operator(),
     )
     _device_arg(tag)
     tag.add_argument("tags", nargs="*", metavar="KEY=VALUE", help="tags to set")
     tag.add_argument(
         "--remove", action="append", default=[], metavar="KEY", help="a tag to remove (repeat)"
     )
-    _json_flag(tag)
-    add_connection_options(tag)
-    tag.set_defaults(func=_devices_tag)
-    assign = dsub.add_parser(
+    assign = command(
+        dsub,
+        _devices_assign,
         "assign",
         help="give a machine to a customer, or take it back into stock (an admin)",
         description="Move a machine to CUSTOMER, or with --stock back into the manufacturer's "
         "stock, where it gets a new claim code (printed once, for a new label).",
+        parents=operator(),
     )
     _device_arg(assign)
     target = assign.add_mutually_exclusive_group(required=True)
     target.add_argument("--customer", help="the new owner (name or id)")
     target.add_argument("--stock", action="store_true", help="back into stock")
-    _json_flag(assign)
-    add_connection_options(assign)
-    assign.set_defaults(func=_devices_assign)
-    claim = dsub.add_parser(
+    claim = command(
+        dsub,
+        _devices_claim,
         "claim",
         help="claim a machine from stock with the code on its label (a customer-admin)",
         epilog="example: edgefleet devices claim K7QMX-2PAB9-RTB4H-NCDEF",
+        parents=operator(),
     )
     claim.add_argument("code", metavar="CODE", help="the claim code (dashes and case optional)")
-    _json_flag(claim)
-    add_connection_options(claim)
-    claim.set_defaults(func=_devices_claim)
 
 
 def _state_of(d: dict[str, Any]) -> str:
@@ -274,8 +257,7 @@ def _devices_list(args: argparse.Namespace) -> None:
     if args.name_prefix:
         params["name_prefix"] = args.name_prefix
     items = client_of(args).get_all("/devices", params=params, limit=args.limit)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [
@@ -298,8 +280,7 @@ def _yes_no(value: bool | None) -> str:
 
 def _devices_show(args: argparse.Namespace) -> None:
     d = client_of(args).get(f"/devices/{args.device}")
-    if args.json:
-        print_json(d)
+    if printed_as_json(args, d):
         return
     lines = [
         ("id", d["id"]),
@@ -329,7 +310,7 @@ def _devices_ping(args: argparse.Namespace) -> None:
     timeout = parse_duration(args.timeout)
     started = time.monotonic()
     command = client.post(f"/devices/{args.device}/ping")
-    while command["state"] not in ("succeeded", "failed", "refused"):
+    while command["state"] not in ANSWERED:
         if time.monotonic() - started > timeout:
             if args.json:
                 print_json(command)
@@ -342,7 +323,7 @@ def _devices_ping(args: argparse.Namespace) -> None:
     elapsed = time.monotonic() - started
     if args.json:
         print_json(command | {"round_trip_seconds": round(elapsed, 3)})
-    elif command["state"] == "succeeded":
+    elif command["state"] == CommandState.succeeded:
         print(f"{args.device} answered in {elapsed * 1000:.0f} ms")
     else:
         raise CommandError(f"{args.device} answered {command['state']}: {command['detail']}")
@@ -350,17 +331,13 @@ def _devices_ping(args: argparse.Namespace) -> None:
 
 def _devices_revoke(args: argparse.Namespace) -> None:
     item = client_of(args).post(f"/devices/{args.device}/revoke")
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"device {item['id']} ({item['name']}) is revoked: disconnected, credential removed")
 
 
 def _devices_rename(args: argparse.Namespace) -> None:
     item = client_of(args).post(f"/devices/{args.device}/rename", json={"name": args.name})
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"device {item['id']} is now named {item['name']}")
 
 
@@ -369,17 +346,14 @@ def _devices_tag(args: argparse.Namespace) -> None:
         raise CommandError("give tags to set (KEY=VALUE) or --remove KEY", 2)
     body = {"set": parse_tags(args.tags), "remove": args.remove}
     item = client_of(args).post(f"/devices/{args.device}/tags", json=body)
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"device {item['name']} ({item['id']}) tags: {format_tags(item['tags'])}")
 
 
 def _devices_assign(args: argparse.Namespace) -> None:
     body = {"customer": None if args.stock else args.customer}
     item = client_of(args).post(f"/devices/{args.device}/assign", json=body)
-    if args.json:
-        print_json(item)
+    if printed_as_json(args, item):
         return
     owner = item.get("customer") or "stock"
     print(f"device {item['name']} ({item['id']}) belongs to {owner}")
@@ -389,26 +363,24 @@ def _devices_assign(args: argparse.Namespace) -> None:
 
 def _devices_claim(args: argparse.Namespace) -> None:
     item = client_of(args).post("/devices/claim", json={"code": args.code})
-    if args.json:
-        print_json(item)
-    else:
+    if not printed_as_json(args, item):
         print(f"claimed {item['name']} ({item['id']}) for {item.get('customer')}")
 
 
-def _register_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = sub.add_parser(
+def _register_audit(sub: Subparsers) -> None:
+    audit = command(
+        sub,
+        _audit,
         "audit",
         help="who did what to which machine",
         description="The audit log: enrollments, revocations, token changes, deployments, "
         "tunnels. Newest first.",
+        parents=operator(),
     )
     audit.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     audit.add_argument("--action", help="only this action, e.g. device.revoke or tunnel.open")
     audit.add_argument("--target", help="only events about this id (a token, a user, ...)")
     audit.add_argument("--device", help="only events about this machine (name or id)")
-    _json_flag(audit)
-    add_connection_options(audit)
-    audit.set_defaults(func=_audit)
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -417,8 +389,7 @@ def _audit(args: argparse.Namespace) -> None:
         if getattr(args, name):
             params[name] = getattr(args, name)
     items = client_of(args).get_all("/audit", params=params, limit=args.limit)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     rows = [
         [

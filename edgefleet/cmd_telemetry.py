@@ -19,12 +19,20 @@ from urllib.parse import quote
 import httpx
 
 from edgefleet.client import GatewayClient
-from edgefleet.cmd_operator import add_connection_options, client_of
-from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table
+from edgefleet.cmd_operator import client_of
+from edgefleet.output import (
+    CommandError,
+    ago,
+    parse_duration,
+    print_table,
+    printed_as_json,
+)
+from edgefleet.parsers import Subparsers, command, connection_options, group, operator
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    telemetry = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    tsub = group(
+        sub,
         "telemetry",
         help="what the machines measured: latest values, history, live tail",
         description="Read a machine's telemetry from the gateway (needs a viewer token).",
@@ -35,18 +43,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "  edgefleet telemetry export press-07 --since 1d -o press-07.csv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tsub = telemetry.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    latest = tsub.add_parser("latest", help="the newest value of each metric")
+    latest = command(
+        tsub, _latest, "latest", help="the newest value of each metric", parents=operator()
+    )
     latest.add_argument("device_id", metavar="DEVICE")
-    _json_flag(latest)
-    add_connection_options(latest)
-    latest.set_defaults(func=_latest)
 
-    query = tsub.add_parser(
+    query = command(
+        tsub,
+        _query,
         "query",
         help="one metric over time, in buckets (min, avg, max, count)",
         description="One metric over a time range, grouped in buckets of --every.",
+        parents=operator(),
     )
     query.add_argument("device_id", metavar="DEVICE")
     query.add_argument("metric", metavar="METRIC")
@@ -54,16 +63,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     query.add_argument(
         "--every", help="bucket width, e.g. 10s, 1m, 1h (default: about 500 buckets)"
     )
-    _json_flag(query)
-    add_connection_options(query)
-    query.set_defaults(func=_query)
 
-    tail = tsub.add_parser(
+    tail = command(
+        tsub,
+        _tail,
         "tail",
         help="follow a machine's values live (Ctrl-C ends)",
         description="Print the newest value of each metric, then every newer one as it arrives "
         "(polls the latest values; a metric updated several times between two polls shows its "
         "newest value).",
+        parents=[connection_options()],
     )
     tail.add_argument("device_id", metavar="DEVICE")
     tail.add_argument("--interval", default="2s", help="how often to poll (default 2s)")
@@ -71,20 +80,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tail.add_argument(
         "--json", action="store_true", help="one JSON object per line (a stream, not a document)"
     )
-    add_connection_options(tail)
-    tail.set_defaults(func=_tail)
 
-    export = tsub.add_parser("export", help="samples as CSV: ts,time,metric,value")
+    export = command(
+        tsub,
+        _export,
+        "export",
+        help="samples as CSV: ts,time,metric,value",
+        parents=[connection_options()],
+    )
     export.add_argument("device_id", metavar="DEVICE")
     export.add_argument("--metric", help="only this metric (default: all)")
     _range_options(export)
     export.add_argument("-o", "--output", type=Path, help="write to this file (default: stdout)")
-    add_connection_options(export)
-    export.set_defaults(func=_export)
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def _range_options(parser: argparse.ArgumentParser) -> None:
@@ -128,8 +135,7 @@ def _number(value: float) -> str:
 
 def _latest(args: argparse.Namespace) -> None:
     found = _client(args).get(_path(args.device_id, "latest"))
-    if args.json:
-        print_json(found)
+    if printed_as_json(args, found):
         return
     rows = [
         [m["metric"], _number(m["value"]), _iso(m["ts"]), ago(m["time"])] for m in found["metrics"]
@@ -149,8 +155,7 @@ def _query(args: argparse.Namespace) -> None:
     if args.every is not None:
         params["every"] = parse_duration(args.every)
     found = _client(args).get(_path(args.device_id, quote(args.metric, safe="/")), params=params)
-    if args.json:
-        print_json(found)
+    if printed_as_json(args, found):
         return
     rows = [
         [_iso(b["start"]), b["count"], _number(b["min"]), _number(b["avg"]), _number(b["max"])]

@@ -12,8 +12,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgefleet.cmd_operator import add_connection_options, client_of
-from edgefleet.output import CommandError, ago, parse_duration, print_json, print_table, until
+from edgefleet.cmd_operator import client_of
+from edgefleet.output import (
+    CommandError,
+    ago,
+    parse_duration,
+    print_table,
+    printed_as_json,
+    until,
+)
+from edgefleet.parsers import Subparsers, command, group, operator
+from provisioning.states import TUNNEL_FINAL
 
 #: The gateway answers an open once the machine is up or after its open timeout (20 s by
 #: default); the HTTP read waits longer than any sane timeout.
@@ -32,12 +41,9 @@ def _port(text: str) -> int:
     return port
 
 
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    tunnel = sub.add_parser(
+def register(sub: Subparsers) -> None:
+    tsub = group(
+        sub,
         "tunnel",
         help="support tunnels: WireGuard access to one machine for a while",
         description="A support tunnel lets one engineer reach one machine on a few ports until it "
@@ -45,9 +51,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "gateway's hub and the machine itself both allow only the engineer, only those ports. "
         "Every open, first handshake, close and expiry is in the audit log.",
     )
-    tsub = tunnel.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    opening = tsub.add_parser(
+    opening = command(
+        tsub,
+        _open,
         "open",
         help="open a tunnel and write your WireGuard config",
         description="Make a WireGuard key pair here, ask the gateway for a tunnel to DEVICE and "
@@ -56,6 +63,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the machine is offline or its owner does not allow the request.",
         epilog="example: edgefleet tunnel open press-07 --ttl 30m --port 1880 --port 22 "
         "--reason 'ticket 4711' -o press-07.conf && sudo wg-quick up ./press-07.conf",
+        parents=operator(),
     )
     opening.add_argument("device_id", metavar="DEVICE", help="the machine's device id")
     opening.add_argument(
@@ -84,23 +92,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="where to write the WireGuard config (default ./TUNNEL_ID.conf, usable with wg-quick)",
     )
-    _json_flag(opening)
-    add_connection_options(opening)
-    opening.set_defaults(func=_open)
 
-    listing = tsub.add_parser("list", help="tunnels with state, time left and handshake age")
+    listing = command(
+        tsub,
+        _list,
+        "list",
+        help="tunnels with state, time left and handshake age",
+        parents=operator(),
+    )
     listing.add_argument("--all", action="store_true", help="also closed, expired and failed ones")
     listing.add_argument("--device", metavar="DEVICE", help="only this machine's tunnels")
-    _json_flag(listing)
-    add_connection_options(listing)
-    listing.set_defaults(func=_list)
 
-    closing = tsub.add_parser("close", help="close a tunnel now, on the hub and on the machine")
+    closing = command(
+        tsub,
+        _close,
+        "close",
+        help="close a tunnel now, on the hub and on the machine",
+        parents=operator(),
+    )
     closing.add_argument("tunnel_id", metavar="TUNNEL_ID")
     closing.add_argument("--reason", default="", help="why (kept in the audit log)")
-    _json_flag(closing)
-    add_connection_options(closing)
-    closing.set_defaults(func=_close)
 
 
 def _check_writable(path: Path) -> None:
@@ -118,7 +129,9 @@ def _open(args: argparse.Namespace) -> None:
         _check_writable(args.output)
     from ipaddress import IPv4Interface, IPv4Network
 
-    from provisioning.wg import generate_keypair, render_wg_quick, write_secret_file
+    from provisioning.files import write_private
+    from provisioning.wireguard.config import render_wg_quick
+    from provisioning.wireguard.keys import generate_keypair
 
     keys = generate_keypair()
     client = client_of(args, timeout=OPEN_HTTP_TIMEOUT)
@@ -144,12 +157,11 @@ def _open(args: argparse.Namespace) -> None:
     )
     path: Path = args.output or Path(f"{tunnel['id']}.conf")
     try:
-        write_secret_file(path, config)
+        write_private(path, config)
     except OSError as exc:
         client.post(f"/tunnels/{tunnel['id']}/close", json={"reason": "config not written"})
         raise CommandError(f"could not write {path}: {exc}; the tunnel was closed again") from exc
-    if args.json:
-        print_json(tunnel | {"config_path": str(path.resolve())})
+    if printed_as_json(args, tunnel | {"config_path": str(path.resolve())}):
         return
     ports = ", ".join(str(p) for p in tunnel["ports"])
     print(
@@ -164,7 +176,7 @@ def _open(args: argparse.Namespace) -> None:
 
 
 def _row(t: dict[str, Any]) -> list[Any]:
-    live = t["state"] not in ("closed", "expired", "failed")
+    live = t["state"] not in TUNNEL_FINAL
     return [
         t["id"],
         t["device_id"],
@@ -183,8 +195,7 @@ def _list(args: argparse.Namespace) -> None:
     if args.device:
         params["device_id"] = args.device
     items = client_of(args).get_all("/tunnels", params=params)
-    if args.json:
-        print_json(items)
+    if printed_as_json(args, items):
         return
     headers = ["ID", "DEVICE", "STATE", "DEVICE IP", "PORTS", "TIME LEFT", "HANDSHAKE", "BY"]
     print_table([*headers, "REASON"], [_row(t) for t in items])
@@ -193,8 +204,7 @@ def _list(args: argparse.Namespace) -> None:
 def _close(args: argparse.Namespace) -> None:
     client = client_of(args)
     item = client.post(f"/tunnels/{args.tunnel_id}/close", json={"reason": args.reason})
-    if args.json:
-        print_json(item)
+    if printed_as_json(args, item):
         return
     if item["state"] == "closing":
         print(f"tunnel {item['id']} is closing; the hub has not confirmed yet")

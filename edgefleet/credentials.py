@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from provisioning.files import write_private
+
 
 @dataclass(frozen=True)
 class Saved:
@@ -37,12 +39,7 @@ def save(saved: Saved) -> Path:
     target = path()
     target.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(target.parent, 0o700)
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(saved.__dict__, handle, indent=2)
-    os.replace(tmp, target)
-    return target
+    return write_private(target, json.dumps(saved.__dict__, indent=2))
 
 
 def forget() -> bool:

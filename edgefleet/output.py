@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
 from provisioning.device_input import UNSAFE_IN_TEXT
 
@@ -50,6 +51,9 @@ def write_control(stream: IO[str], sequence: str) -> None:
         stream.write(sequence)
 
 
+T = TypeVar("T")
+
+
 class CommandError(Exception):
     """An error to show the user (no traceback); exit code 1 unless given."""
 
@@ -67,6 +71,14 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def printed_as_json(args: argparse.Namespace, data: Any) -> bool:
+    """With ``--json``, print `data` as one JSON document; whether it did."""
+    if getattr(args, "json", False):
+        print_json(data)
+        return True
+    return False
+
+
 def ago(value: str | None, now: datetime | None = None) -> str:
     """'3m ago' for an ISO timestamp, '-' for none."""
     if not value:
@@ -74,22 +86,28 @@ def ago(value: str | None, now: datetime | None = None) -> str:
     then = datetime.fromisoformat(value)
     seconds = int(((now or datetime.now(UTC)) - then).total_seconds())
     if seconds < 0:
-        return "in " + _span(-seconds)
-    return _span(seconds) + " ago"
+        return "in " + span(-seconds)
+    return span(seconds) + " ago"
 
 
 def until(value: str | None, now: datetime | None = None) -> str:
     if not value:
         return "-"
     seconds = int((datetime.fromisoformat(value) - (now or datetime.now(UTC))).total_seconds())
-    return "expired" if seconds <= 0 else "in " + _span(seconds)
+    return "expired" if seconds <= 0 else "in " + span(seconds)
 
 
-def _span(seconds: int) -> str:
+def span(seconds: int) -> str:
+    """90 -> '1m', 7200 -> '2h': the largest whole unit."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def short_digest(digest: str) -> str:
+    """A release digest as people read it: the first 12 hex digits."""
+    return digest.removeprefix("sha256:")[:12]
 
 
 def format_tags(tags: dict[str, str]) -> str:
@@ -106,6 +124,19 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def make_settings(cls: Callable[..., T], overrides: Mapping[str, Any]) -> T:
+    """`cls(**overrides)` (a settings class), or the exit-2 error that names each bad setting.
+
+    pydantic loads only here, when a command that needs settings runs."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"bad setting: {problems}", 2) from exc
 
 
 def parse_duration(text: str) -> int:

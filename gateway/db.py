@@ -1,4 +1,7 @@
-"""Database engine, schema migrations and the session dependency."""
+"""The database: engine, schema migrations, deadlock retries, the UTC column type of every table.
+
+Requests get their session from `gateway.api.deps`; background work opens `Session(engine)`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, create_engine
+from sqlmodel import Column, Field, Session, create_engine
+
+from gateway.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +28,32 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = 0x6564_6765_6D69
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The database cannot be reached; the message names the URL (without password)."""
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone otherwise)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_column(nullable: bool = False, index: bool = False) -> Any:
+    """A model field stored as a `UTCDateTime` column."""
+    return Field(sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 
 T = TypeVar("T")

@@ -27,8 +27,8 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter
 from sqlmodel import Session
 
-from gateway import audit
 from gateway.errors import GatewayError
+from gateway.registry import audit
 from gateway.telemetry.refusals import RefusalLog
 
 log = logging.getLogger(__name__)

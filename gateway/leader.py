@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from provisioning.periodic import Periodic
+
 log = logging.getLogger(__name__)
 
 LEADER_LOCK_KEY = 0x6564_6765_6C64  # "edgeld"; one constant shared by every replica
@@ -103,21 +105,18 @@ class SingletonJobs:
 
     def __init__(self, election: LeaderElection, tick: float = 0.5) -> None:
         self._election = election
-        self._tick = tick
         self._jobs: list[Job] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="singleton-jobs", daemon=True)
+        self._periodic = Periodic("singleton-jobs", self.run_due, tick, first_at_start=True)
         self.is_leader = False
 
     def add(self, name: str, interval: float, run: Callable[[], None]) -> None:
         self._jobs.append(Job(name, interval, run))
 
     def start(self) -> None:
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._periodic.stop(timeout=10)
         self._election.resign()
 
     def run_due(self, now: float | None = None) -> None:
@@ -132,8 +131,3 @@ class SingletonJobs:
                     job.run()
                 except Exception:
                     log.exception("job %s failed; next try in %.0fs", job.name, job.interval)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.run_due()
-            self._stop.wait(self._tick)

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.engine import Engine
 
-from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
-from gateway.commands import CommandPublisher, ReplyHooks
+from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import ReplyHooks
 from gateway.enroll_guard import EnrollGuard
 from gateway.errors import Unavailable
 from gateway.identity import GatewayIdentity
 from gateway.leader import SingletonJobs
 from gateway.settings import GatewaySettings
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import Topics
 
 
@@ -30,6 +32,9 @@ class GatewayRuntime:
     jobs: SingletonJobs | None = None
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     """This gateway's Prometheus metrics (served at /metrics); never the global registry."""
+    endpoint: MqttEndpoint | None = None
+    """How this gateway's own MQTT clients reach the broker (None: it has none, e.g. in tests
+    of the HTTP API alone)."""
     http_refused: Counter | None = None
     enroll_guard: EnrollGuard | None = None
     """Failed enrollments per client address (built from the settings on first use)."""
@@ -66,6 +71,11 @@ class GatewayRuntime:
     @property
     def topics(self) -> Topics:
         return Topics(self.settings.topic_prefix)
+
+    def mqtt_endpoint(self) -> MqttEndpoint:
+        if self.endpoint is None:
+            raise RuntimeError("this gateway runtime has no MQTT endpoint")
+        return self.endpoint
 
     def command_publisher(self) -> CommandPublisher:
         if self.publisher is None:

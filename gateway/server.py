@@ -18,33 +18,32 @@ import uvicorn
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from gateway import devices
 from gateway.api.http_protocol import guarded_protocol
 from gateway.app import create_app
+from gateway.broker.admin import BrokerAdmin, DeviceBrokerInfo
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.emqx import EmqxApi, EmqxBrokerAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
-from gateway.broker_admin import BrokerAdmin, DeviceBrokerInfo
-from gateway.commands import CommandPublisher, ReplyListener
+from gateway.broker.mqtt_url import parse_mqtt_url
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import ReplyListener
 from gateway.data_dir import secure_data_dir
 from gateway.db import MQTT_POOL, api_pool, make_engine, migrate
 from gateway.device_messages import DeviceMessages
-from gateway.flows.wiring import install_flow_pushes
+from gateway.errors import StartupError
+from gateway.flows import wiring as flows
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
+from gateway.registry import devices
+from gateway.registry.status_listener import StatusListener
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
-from gateway.status_listener import StatusListener
-from gateway.telemetry.service import start_telemetry
-from gateway.tunnels.setup import install_tunnels
+from gateway.telemetry import wiring as telemetry
+from gateway.tunnels import wiring as tunnels
+from provisioning.mqtt import MqttEndpoint
 from provisioning.wire import Topics
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(RuntimeError):
-    """The gateway cannot start; the message says why and which flag changes it."""
 
 
 @contextlib.contextmanager
@@ -145,11 +144,22 @@ def _run(settings: GatewaySettings) -> None:
         stack.callback(publisher.stop)
         jobs = SingletonJobs(LeaderElection(engine))
         runtime = GatewayRuntime(
-            settings, engine, identity, broker, info, publisher, jobs=jobs, mqtt_engine=mqtt_engine
+            settings,
+            engine,
+            identity,
+            broker,
+            info,
+            publisher,
+            jobs=jobs,
+            endpoint=endpoint,
+            mqtt_engine=mqtt_engine,
         )
         jobs.add("housekeeping", settings.status_sync_interval, lambda: _housekeeping(runtime))
-        install_flow_pushes(runtime)  # before the reply listener: it stores deploy replies
-        install_tunnels(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
+        # Each feature registers its reply hooks and jobs and starts its parts (`stack` stops
+        # them): before the reply listener starts, since it runs the hooks.
+        flows.install(runtime, stack)  # the deploy reply hook, the rollout job
+        tunnels.install(runtime, stack)  # hooks, reaper job, the hub on --tunnel-hub
+        telemetry.install(runtime, stack)  # ingest, retention
 
         messages = DeviceMessages(runtime.metrics)
         listener = StatusListener(endpoint, mqtt_engine, runtime.topics, messages)
@@ -158,7 +168,6 @@ def _run(settings: GatewaySettings) -> None:
         replies = ReplyListener(endpoint, mqtt_engine, runtime.topics, runtime.hooks, messages)
         replies.start()
         stack.callback(replies.stop)
-        start_telemetry(runtime, endpoint, stack)
 
         jobs.start()  # after every feature has added its jobs above
         stack.callback(jobs.stop)

@@ -1,50 +1,149 @@
-"""Gateway configuration: flags override EDGEFLEET_* environment variables override defaults."""
+"""Gateway configuration: flags override EDGEFLEET_* environment variables override defaults.
+
+Each setting is declared once, here. A setting marked with `Flag` is also an option of
+`edgefleet gateway run` (in the order of the fields); its description is the option's help,
+where ``{default}`` shows the default.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from provisioning.wire import DEFAULT_TOPIC_PREFIX
 
 
+@dataclass(frozen=True)
+class Flag:
+    """This setting is an option of `edgefleet gateway run` (see `edgefleet.cmd_gateway`)."""
+
+    name: str | None = None
+    """The option, e.g. ``--db``; default: ``--`` and the field's name with dashes."""
+    metavar: str | None = None
+    group: str | None = None
+    """The title of the options group it is listed under (default: the command's options)."""
+    exclusive: str | None = None
+    """Options with the same word here exclude each other."""
+    duration: bool = False
+    """Seconds, given as 90s, 15m, 12h or 30d (and its default shown that way)."""
+
+
+TUNNELS = "support tunnels (the hub runs on one replica only)"
+LOAD = "load (beyond these the gateway answers 503 with Retry-After; more in EDGEFLEET_HTTP_*)"
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
 
-    data_dir: Path = Field(
-        default=Path("edgefleet-data"),
-        description="Holds the SQLite database, the broker's files, the CA and the signing key.",
+    # The data directory holds the SQLite database, the broker's files, the CA and the key.
+    data_dir: Annotated[Path, Flag(metavar="DIR")] = Field(
+        default=Path("edgefleet-data"), description="gateway data directory (default ./{default})"
     )
-    http: str = Field(default="0.0.0.0:8080", description="HOST:PORT the HTTP API listens on.")
-    db_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default: SQLite in the data directory."
-    )
-    mqtt_url: str | None = Field(
+    db_url: Annotated[str | None, Flag(name="--db", metavar="URL")] = Field(
         default=None,
-        description="An external broker (mqtts://user:pass@host:port); default: start Mosquitto.",
+        description="database URL, e.g. postgresql://user@host/db (default: SQLite in the data "
+        "directory)",
     )
-    mqtt_port: int = Field(default=8883, description="Port of the embedded Mosquitto (TLS).")
-    mqtt_ca_file: Path | None = Field(
-        default=None, description="CA of an external broker, given to devices at enrollment."
+    http: Annotated[str, Flag(metavar="HOST:PORT")] = Field(
+        default="0.0.0.0:8080",
+        description="where the HTTP API listens (default {default}; $EDGEFLEET_HTTP)",
     )
-    public_host: str | None = Field(
+    mqtt_port: Annotated[int, Flag(metavar="PORT", exclusive="broker")] = Field(
+        default=8883, description="port of the embedded Mosquitto, TLS (default {default})"
+    )
+    mqtt_url: Annotated[str | None, Flag(metavar="URL", exclusive="broker")] = Field(
         default=None,
-        description="Host name devices use to reach this gateway's broker; default: the host "
-        "they enrolled through.",
+        description="use an external broker instead (mqtts://user:pass@host:port)",
     )
-    topic_prefix: str = DEFAULT_TOPIC_PREFIX
-    signing_key_file: Path | None = Field(
-        default=None,
-        description="The gateway's command-signing key (EC P-256 PEM); default: in the data "
-        "directory. Every replica of a cluster must use the same key.",
-    )
-    broker_kind: Literal["mosquitto", "emqx"] = Field(
+    broker_kind: Annotated[Literal["mosquitto", "emqx"], Flag()] = Field(
         default="mosquitto",
-        description="mosquitto: device credentials through its dynamic-security plugin; emqx: "
-        "EMQX asks the gateway's HTTP hooks (/api/v1/broker/authn, /authz).",
+        description="how machine credentials reach the broker: mosquitto (dynamic security, "
+        "default) or emqx (EMQX asks this gateway's HTTP hooks; needs --mqtt-url)",
+    )
+    mqtt_ca_file: Annotated[Path | None, Flag(metavar="PEM")] = Field(
+        default=None, description="CA of the external broker, handed to machines at enrollment"
+    )
+    # Default: the host machines enrolled through.
+    public_host: Annotated[str | None, Flag(metavar="HOST")] = Field(
+        default=None,
+        description="name machines use to reach this host (put in the broker certificate)",
+    )
+    topic_prefix: Annotated[str, Flag(metavar="PREFIX")] = Field(
+        default=DEFAULT_TOPIC_PREFIX, description="MQTT topic prefix (default {default})"
+    )
+    # An EC P-256 PEM; default: in the data directory.
+    signing_key_file: Annotated[Path | None, Flag(name="--signing-key", metavar="PEM")] = Field(
+        default=None, description="the command-signing key; replicas of a cluster share one"
+    )
+    # For the stable MQTT client ids of the telemetry ingest.
+    replica_name: Annotated[str | None, Flag(metavar="NAME")] = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,48}$",
+        description="this replica's name for its MQTT sessions (default: from host and data dir)",
+    )
+    telemetry_retention: Annotated[int, Flag(metavar="AGE", duration=True)] = Field(
+        default=30 * 86400,
+        gt=0,
+        description="keep samples (raw and compacted) this long, e.g. 30d or 12h; whole chunk "
+        "windows and days of chunks are dropped once older (default {default})",
+    )
+    telemetry_rollup_retention: Annotated[int, Flag(metavar="AGE", duration=True)] = Field(
+        default=365 * 86400,
+        gt=0,
+        description="keep minute and hourly rollups this long, at least the samples' "
+        "(default {default})",
+    )
+    telemetry_compact_after: Annotated[int, Flag(metavar="AGE", duration=True)] = Field(
+        default=3600,
+        gt=0,
+        description="compact an hour of samples into encoded chunks and rollups once it is this "
+        "old (default {default})",
+    )
+    telemetry_max_series_per_device: Annotated[int, Flag(metavar="N")] = Field(
+        default=1000,
+        ge=1,
+        description="distinct metrics a device may send; samples of further ones are dropped, "
+        "counted at /metrics and logged once per device (default {default})",
+    )
+    # Support tunnels. Exactly one replica runs the WireGuard hub (tunnel_hub); every replica
+    # serves the tunnel API and reads the hub's public side from the database.
+    tunnel_hub: Annotated[bool, Flag(group=TUNNELS)] = Field(
+        default=False,
+        description="run the WireGuard tunnel hub on this replica (needs root or CAP_NET_ADMIN)",
+    )
+    tunnel_endpoint: Annotated[str | None, Flag(metavar="HOST:PORT", group=TUNNELS)] = Field(
+        default=None,
+        description="public UDP address machines and engineers dial to reach the hub",
+    )
+    tunnel_listen_port: Annotated[int, Flag(metavar="PORT", group=TUNNELS)] = Field(
+        default=51820, gt=0, lt=65536, description="hub UDP port (default {default})"
+    )
+    tunnel_interface: Annotated[str, Flag(metavar="NAME", group=TUNNELS)] = Field(
+        default="efhub0",
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$",
+        description="hub interface name (default {default})",
+    )
+    # One /32 per peer.
+    tunnel_network: Annotated[str, Flag(metavar="CIDR", group=TUNNELS)] = Field(
+        default="10.213.0.0/16", description="tunnel address pool (default {default})"
+    )
+    tunnel_mtu: Annotated[int, Flag(metavar="MTU", group=TUNNELS)] = Field(
+        default=1280, ge=576, le=65535, description="default {default}"
+    )
+    tunnel_max_ttl: Annotated[int, Flag(metavar="DURATION", group=TUNNELS, duration=True)] = Field(
+        default=12 * 3600,
+        gt=0,
+        description="longest tunnel an operator may open, e.g. 4h (default {default})",
+    )
+    tunnel_open_timeout: float = Field(
+        default=20.0, gt=0, le=600, description="How long an open waits for the machine."
+    )
+    tunnel_quarantine: float = Field(
+        default=600.0, ge=0, description="Seconds before a released address is handed out again."
     )
     broker_hook_token: str | None = Field(
         default=None,
@@ -56,7 +155,7 @@ class GatewaySettings(BaseSettings):
     emqx_api_secret: str | None = None
     max_request_bytes: int = 64 * 1024
     # Load shedding (gateway/api/load_shedding.py) and the HTTP server's own limits.
-    http_max_in_flight: int = Field(
+    http_max_in_flight: Annotated[int, Flag(metavar="N", group=LOAD)] = Field(
         default=8,
         ge=1,
         le=1000,
@@ -68,7 +167,7 @@ class GatewaySettings(BaseSettings):
     http_queue_timeout: float = Field(
         default=5.0, ge=0, description="Seconds a request waits for a place before its 503."
     )
-    http_max_connections: int = Field(
+    http_max_connections: Annotated[int, Flag(metavar="N", group=LOAD)] = Field(
         default=2000, ge=1, description="Open HTTP connections; more are closed at once."
     )
     http_keep_alive: int = Field(
@@ -99,28 +198,6 @@ class GatewaySettings(BaseSettings):
     )
     provisioning_token_max_ttl: int = 30 * 24 * 3600
     status_sync_interval: float = 30.0
-    # Support tunnels. Exactly one replica runs the WireGuard hub (tunnel_hub); every replica
-    # serves the tunnel API and reads the hub's public side from the database.
-    tunnel_hub: bool = Field(
-        default=False, description="Run the WireGuard tunnel hub here (one replica per cluster)."
-    )
-    tunnel_endpoint: str | None = Field(
-        default=None,
-        description="HOST:PORT (UDP) that machines and engineers dial to reach the hub.",
-    )
-    tunnel_listen_port: int = Field(default=51820, gt=0, lt=65536)
-    tunnel_interface: str = Field(default="efhub0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
-    tunnel_network: str = Field(
-        default="10.213.0.0/16", description="Pool of tunnel addresses (one /32 per peer)."
-    )
-    tunnel_mtu: int = Field(default=1280, ge=576, le=65535)
-    tunnel_max_ttl: int = Field(default=12 * 3600, gt=0, description="Longest tunnel, seconds.")
-    tunnel_open_timeout: float = Field(
-        default=20.0, gt=0, le=600, description="How long an open waits for the machine."
-    )
-    tunnel_quarantine: float = Field(
-        default=600.0, ge=0, description="Seconds before a released address is handed out again."
-    )
     rollout_interval: float = Field(
         default=0.5, gt=0, description="How often the rollout scheduler advances deployments."
     )
@@ -131,18 +208,16 @@ class GatewaySettings(BaseSettings):
         default=12 * 1024 * 1024,
         description="Largest release upload (a 5 MB flows file, JSON-escaped, plus modules).",
     )
-    replica_name: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9_.-]{1,48}$",
-        description="This replica's name, for its stable MQTT client ids (telemetry ingest); "
-        "default: derived from the host name and the data directory.",
-    )
-    telemetry_retention: int = Field(
-        default=30 * 86400,
-        gt=0,
-        description="Delete samples older than this: seconds, or 90m, 12h, 30d.",
-    )
     telemetry_retention_interval: float = 300.0
+    telemetry_compact_interval: float = Field(
+        default=60.0, gt=0, description="Seconds between two passes of the compaction."
+    )
+    telemetry_compact_pace: float = Field(
+        default=3.0,
+        ge=0,
+        description="The compaction rests this many times as long as each step took, so it "
+        "takes at most 1/(1+pace) of a core from the ingest (0: full speed).",
+    )
     telemetry_session_expiry: int = Field(
         default=7 * 86400,
         gt=0,
@@ -207,7 +282,12 @@ class GatewaySettings(BaseSettings):
             raise ValueError(f"expected HOST:PORT, e.g. 0.0.0.0:8080, not {value!r}")
         return value
 
-    @field_validator("telemetry_retention", mode="before")
+    @field_validator(
+        "telemetry_retention",
+        "telemetry_rollup_retention",
+        "telemetry_compact_after",
+        mode="before",
+    )
     @classmethod
     def _parse_retention(cls, value: object) -> object:
         """'30d', '12h', '90m', '45s' or plain seconds."""
@@ -219,6 +299,16 @@ class GatewaySettings(BaseSettings):
             if not text.isdigit():
                 raise ValueError(f"expected a duration such as 30d, 12h or 3600, not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_telemetry_ages(self) -> GatewaySettings:
+        if self.telemetry_rollup_retention < self.telemetry_retention:
+            raise ValueError(
+                f"telemetry_rollup_retention ({self.telemetry_rollup_retention}s) must be at "
+                f"least telemetry_retention ({self.telemetry_retention}s): rollups answer long "
+                "ranges where samples still exist"
+            )
+        return self
 
     @field_validator("tunnel_endpoint")
     @classmethod

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from provisioning.files import write_private
 
 
 class InvalidKey(ValueError):
@@ -41,14 +42,7 @@ def public_key_pem(key: ec.EllipticCurvePublicKey) -> str:
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     """Write `key` so that only its owner can read it, atomically (no moment with wider mode)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, private_key_pem(key))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, private_key_pem(key))
 
 
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -1,8 +1,8 @@
 """What crosses the wire between agent and gateway: topics, enrollment, status.
 
 This module is the contract. The gateway and the agent import it and nothing of each other.
-Commands are compact JWS strings (see `jwt_rules`); their ``args`` are described where each
-command is handled.
+Commands are compact JWS strings (see `jwt_rules`); their ``args`` and results are the models of
+`commands`, `deploy_command` and `tunnel_command`; the names of states are in `states`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ from provisioning.device_input import (
 )
 
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{2,63}$"
+"""The one rule for a device id: it becomes an MQTT topic segment, broker username and client id."""
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+_PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_TOPIC_PREFIX = "fleet"
 SHARED_GROUP = "gateway"
+#: What a device publishes under ``{prefix}/{device}/``, and the one topic it reads.
+DEVICE_PUBLISHES = ("telemetry", "status", "reply")
+DEVICE_RECEIVES = "cmd"
 
 TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 TAG_VALUE_PATTERN = r"^[A-Za-z0-9_.:/-]{0,128}$"
@@ -47,7 +52,29 @@ DeviceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def is_device_id(value: str) -> bool:
-    return bool(_DEVICE_ID_RE.match(value))
+    return isinstance(value, str) and _DEVICE_ID_RE.fullmatch(value) is not None
+
+
+def validate_device_id(device_id: str) -> str:
+    """Return `device_id` if it follows `DEVICE_ID_PATTERN`, else ValueError saying the rule."""
+    if not is_device_id(device_id):
+        raise ValueError(
+            f"invalid device id {device_id!r}: use 3 to 64 characters from a-z, 0-9 and '-', "
+            "starting with a letter or digit (it becomes an MQTT topic segment, username and "
+            "client id)"
+        )
+    return device_id
+
+
+def validate_topic_prefix(prefix: str) -> str:
+    """Return `prefix` if it is a plain topic path (no wildcards, no ``$``), else ValueError."""
+    segments = prefix.split("/") if isinstance(prefix, str) else [""]
+    if not all(_PREFIX_SEGMENT_RE.fullmatch(segment) for segment in segments):
+        raise ValueError(
+            f"invalid topic prefix {prefix!r}: use one or more '/'-separated segments of "
+            f"letters, digits, '_', '.' and '-' (no wildcards, no '$'), e.g. 'fleet'"
+        )
+    return prefix
 
 
 #: Claim codes (a stock machine's label): no 0/O, 1/I/L look-alikes; read aloud, typed by hand.
@@ -68,24 +95,34 @@ def normalize_claim_code(code: str) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """The topic tree of one fleet: ``{prefix}/{device}/{telemetry|status|cmd|reply}``."""
+    """The topic tree of one fleet: ``{prefix}/{device}/{telemetry|status|cmd|reply}``.
+
+    The one place topic strings are built, for the clients and for the broker's permissions.
+    """
 
     prefix: str = DEFAULT_TOPIC_PREFIX
 
+    def device(self, device_id: str, leaf: str) -> str:
+        return f"{self.prefix}/{device_id}/{leaf}"
+
     def telemetry(self, device_id: str) -> str:
-        return f"{self.prefix}/{device_id}/telemetry"
+        return self.device(device_id, "telemetry")
 
     def status(self, device_id: str) -> str:
-        return f"{self.prefix}/{device_id}/status"
+        return self.device(device_id, "status")
 
     def cmd(self, device_id: str) -> str:
-        return f"{self.prefix}/{device_id}/cmd"
+        return self.device(device_id, DEVICE_RECEIVES)
 
     def reply(self, device_id: str) -> str:
-        return f"{self.prefix}/{device_id}/reply"
+        return self.device(device_id, "reply")
+
+    def device_publishes(self, device_id: str) -> tuple[str, ...]:
+        """The topics a device may publish on (and nothing else)."""
+        return tuple(self.device(device_id, leaf) for leaf in DEVICE_PUBLISHES)
 
     def shared(self, leaf: str, group: str = SHARED_GROUP) -> str:
-        """The shared subscription gateway replicas split between them."""
+        """The shared subscription gateway replicas split between them (``+``: any group)."""
         return f"$share/{group}/{self.prefix}/+/{leaf}"
 
     def all_of(self, leaf: str) -> str:

@@ -22,12 +22,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.broker.admin import DeviceBrokerInfo
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker_admin import DeviceBrokerInfo
 from gateway.db import make_engine, migrate
 from gateway.identity import GatewayIdentity
-from gateway.models import Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
 from tests.support.accounts import user_token

@@ -27,13 +27,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
+from gateway.commands.models import CommandRecord
 from gateway.db import utcnow
-from gateway.models import CommandRecord, Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from gateway.tunnels.models import TunnelRecord
 from provisioning import keys
 from provisioning.jwt_rules import sign_device_token
-from provisioning.wg import generate_keypair
+from provisioning.wireguard.keys import generate_keypair
 from tests.support.accounts import make_customer, make_user, token_of
 
 STAFF = {"admin", "operator", "support", "viewer"}

@@ -14,10 +14,10 @@ from sqlmodel import Session, select
 from gateway.accounts.api_tokens import create_bootstrap
 from gateway.accounts.models import BrowserSession, User
 from gateway.accounts.sessions import COOKIE
-from gateway.models import ApiToken, AuditEvent, Role
+from gateway.registry.models import ApiToken, AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
-from provisioning.wg import generate_keypair
+from provisioning.wireguard.keys import generate_keypair
 from tests.support.accounts import make_customer, make_user, token_of
 
 PASSWORD = "correct horse battery staple"

@@ -23,10 +23,11 @@ from sqlmodel import Session
 from edge_agent.state import AgentState
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import CommandPublisher, ReplyListener
-from gateway.models import Device
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import ReplyListener
+from gateway.registry.models import Device
+from gateway.registry.status_listener import StatusListener
 from gateway.runtime import GatewayRuntime
-from gateway.status_listener import StatusListener
 from provisioning import keys
 from provisioning.jwt_rules import sign_command
 from provisioning.wire import EnrollResponse, Reply

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.models import Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
-from provisioning.wg import WgKeyError, generate_keypair, normalize_public_key
+from provisioning.wireguard.keys import WgKeyError, generate_keypair, normalize_public_key
 from tests.conftest import api_token
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

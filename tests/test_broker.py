@@ -23,16 +23,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.broker.dynsec import (
-    BrokerError,
-    DeviceExistsError,
-    DynsecAdmin,
-    generate_password,
-    validate_device_id,
-)
-from gateway.broker.mosquitto import MosquittoSupervisor, PortInUseError
-from gateway.broker.mqtt_url import MqttEndpoint, parse_mqtt_url
+from gateway.broker.dynsec import DynsecAdmin, generate_password
+from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.broker.mqtt_url import parse_mqtt_url
 from gateway.broker.pki import ensure_ca, ensure_server_certificate
+from gateway.errors import BrokerError, DeviceExistsError, PortInUseError
+from provisioning.mqtt import MqttEndpoint
+from provisioning.wire import validate_device_id
 from tests.support.mosquitto import MqttProbe, device_endpoint, enroll_device, running_broker
 from tests.support.waiting import free_port, port_open, wait_for
 

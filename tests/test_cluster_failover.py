@@ -41,19 +41,15 @@ from sqlalchemy.engine import Engine
 from edge_agent.enroll import enroll
 from edge_agent.state import AgentState
 from gateway.broker.mosquitto import MosquittoSupervisor
+from gateway.commands.models import CommandRecord
 from gateway.db import make_engine
-from gateway.models import CommandRecord
 from gateway.settings import GatewaySettings
 from gateway.telemetry.models import batches
-from gateway.tunnel.firewall import HubFirewall
 from gateway.tunnels import reaper
-from provisioning.wg import (
-    UAPI_DIR,
-    generate_keypair,
-    link_exists,
-    run_command,
-    wg_show_dump,
-)
+from gateway.tunnels.wireguard.firewall import HubFirewall
+from provisioning.wireguard.keys import generate_keypair
+from provisioning.wireguard.tools import link_exists, run_command, wg_show_dump
+from provisioning.wireguard.wireguard_go import UAPI_DIR
 from tests.conftest import fresh_pg_database
 from tests.support.cluster import Cluster, replica_args
 from tests.support.gateway_process import (

@@ -19,9 +19,9 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session, col, select
 
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import ReplyHooks, ReplyListener, apply_reply, superseding
+from gateway.commands.models import CommandRecord
+from gateway.commands.replies import ReplyHooks, ReplyListener, apply_reply, superseding
 from gateway.db import retry_deadlocks, utcnow
-from gateway.models import CommandRecord
 from gateway.runtime import GatewayRuntime
 from provisioning.wire import Reply
 from tests.support.mosquitto import MqttProbe, enroll_device

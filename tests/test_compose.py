@@ -9,6 +9,7 @@ missing from the seeds, a broker hook pointing nowhere, a secret with a default)
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -451,3 +452,124 @@ def test_dockerfile_installs_every_package_with_the_gateway_extra() -> None:
     for package in packages:
         assert f"!{package}/" in ignore
     assert '["edgefleet"]' in dockerfile and '["gateway", "run"]' in dockerfile
+
+
+# --- Grafana -------------------------------------------------------------------------------
+
+GRAFANA = COMPOSE / "grafana"
+
+
+def grafana_datasource() -> dict[str, Any]:
+    doc = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "edgefleet.yml").read_text())
+    (source,) = doc["datasources"]
+    assert isinstance(source, dict)
+    return source
+
+
+def fleet_dashboard() -> dict[str, Any]:
+    doc = json.loads((GRAFANA / "dashboards" / "fleet.json").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grafana_reads_edgefleets_database_read_only(layout: str) -> None:
+    svc = services(layout)
+    grafana, postgres = svc["grafana"], svc["postgres"]
+    assert "postgres" in grafana["depends_on"]
+    source = grafana_datasource()
+    assert source["type"] == "grafana-postgresql-datasource"
+    assert source["url"] == "postgres:5432"
+    assert source["jsonData"]["database"] == env_of(postgres)["POSTGRES_DB"]
+    # Its password comes from the environment compose gives Grafana, and the same variable
+    # makes the role in the database; nothing is written in a file.
+    assert source["user"] == "grafana_reader"
+    assert source["secureJsonData"]["password"] == "$GRAFANA_DB_PASSWORD"
+    assert "GRAFANA_DB_PASSWORD:?" in env_of(grafana)["GRAFANA_DB_PASSWORD"]
+    assert env_of(grafana)["GRAFANA_DB_PASSWORD"] == env_of(postgres)["GRAFANA_DB_PASSWORD"]
+    init = mounts(postgres)
+    script = next(s for t, s in init.items() if t.startswith("/docker-entrypoint-initdb.d/"))
+    text = (COMPOSE / layout / script).resolve().read_text()
+    assert "CREATE ROLE grafana_reader LOGIN PASSWORD :'password'" in text
+    assert "GRANT pg_read_all_data TO grafana_reader" in text  # read, never write
+    assert "GF_SECURITY_ADMIN_PASSWORD" in env_of(grafana)
+    assert "GRAFANA_ADMIN_PASSWORD:?" in env_of(grafana)["GF_SECURITY_ADMIN_PASSWORD"]
+    assert published_ports(grafana) == {3000: "127.0.0.1"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grafana_provisions_the_fleet_dashboard(layout: str) -> None:
+    grafana = services(layout)["grafana"]
+    where = {
+        target: (COMPOSE / layout / source).resolve() for target, source in mounts(grafana).items()
+    }
+    assert where["/etc/grafana/provisioning"] == (GRAFANA / "provisioning").resolve()
+    provider = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "edgefleet.yml").read_text()
+    )["providers"][0]
+    dashboards = where[provider["options"]["path"]]
+    assert (dashboards / "fleet.json").is_file()
+    uid = grafana_datasource()["uid"]
+    board = fleet_dashboard()
+    for panel in board["panels"]:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert all(t["datasource"]["uid"] == uid for t in panel["targets"])
+    for variable in board["templating"]["list"]:
+        assert variable["datasource"]["uid"] == uid
+
+
+def _grafana_sql(sql: str, values: dict[str, str]) -> str:
+    """A panel's query as Grafana sends it: variables and the time-range macros filled in."""
+    for name, value in values.items():
+        sql = sql.replace(name, value)
+    assert "$" not in sql, sql
+    return sql
+
+
+@pytest.mark.postgres
+def test_the_dashboards_queries_run_on_edgefleets_schema(pg_database: str) -> None:
+    """Every query of the dashboard runs against the migrated schema, and the metric chart
+    gives the numbers the gateway's own API gives (compacted, rolled up and raw samples)."""
+    from gateway.db import make_engine, migrate
+    from gateway.telemetry import queries
+    from gateway.telemetry.compaction import Compactor
+    from gateway.telemetry.store import IncomingBatch, TelemetryStore
+    from provisioning.telemetry import Sample
+    from tests.support.telemetry import add_device
+
+    engine = make_engine(GatewaySettings(db_url=pg_database).database_url)
+    migrate(engine)
+    try:
+        add_device(engine, "press-07")
+        start = 1_700_002_800.0
+        rows = [
+            Sample("temp", start + s + 0.25, round(20 + (s % 37) * 0.01, 2)) for s in range(7200)
+        ]
+        store = TelemetryStore(engine)
+        store.write([IncomingBatch("press-07", 1, rows[:3600])], start)
+        Compactor(engine, compact_after=60).run_once(now=start + 3 * 3600)  # the first hour
+        store.write([IncomingBatch("press-07", 2, rows[3600:])], start)  # the second: raw
+        values = {
+            "$device": "press-07",
+            "$metric": "temp",
+            "$__unixEpochFrom()": str(int(start)),
+            "$__unixEpochTo()": str(int(start) + 7200),
+        }
+        board = fleet_dashboard()
+        sql = [t["rawSql"] for p in board["panels"] for t in p["targets"]]
+        sql += [v["query"] for v in board["templating"]["list"]]
+        results = {}
+        with engine.connect() as conn:
+            for text in sql:
+                results[text] = conn.exec_driver_sql(_grafana_sql(text, values)).all()
+            expected = queries.buckets(conn, "press-07", "temp", start, start + 7200, 60)
+        chart = next(r for t, r in results.items() if "telemetry_rollups_1m" in t)
+        assert [(row[0].timestamp(), row[2], row[3]) for row in chart] == [
+            (b.start, b.min, b.max) for b in expected
+        ]
+        assert [row[1] for row in chart] == pytest.approx([b.avg for b in expected], rel=1e-12)
+        assert len(chart) == 120
+        metrics = next(r for t, r in results.items() if "SELECT metric FROM" in t)
+        assert metrics == [("temp",)]
+    finally:
+        engine.dispose()

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.broker.emqx import EmqxApi, EmqxBrokerAdmin
-from gateway.models import Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
 from tests.conftest import api_token

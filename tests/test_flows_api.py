@@ -9,6 +9,7 @@ device finishes. Real agents against real Node-RED are in test_flows_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -22,18 +23,21 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import CommandPublisher, apply_reply
+from gateway.commands.models import CommandRecord
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import apply_reply
 from gateway.db import make_engine, utcnow
 from gateway.flows.scheduler import RolloutScheduler
-from gateway.flows.wiring import install_flow_pushes
+from gateway.flows.wiring import install as install_flow_pushes
 from gateway.identity import GatewayIdentity
 from gateway.leader import LeaderElection, SingletonJobs
-from gateway.models import AuditEvent, CommandRecord, Role
+from gateway.registry.models import AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
 from provisioning.bundles import Bundle
-from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
+from provisioning.deploy_command import DeployArgs
 from provisioning.jwt_rules import sign_device_token
+from provisioning.states import CommandKind
 from provisioning.wire import EnrollResponse, Reply
 from tests.conftest import api_token
 from tests.support.mosquitto import MqttProbe, device_endpoint
@@ -145,7 +149,7 @@ def device_record(deployment: dict[str, Any], device_id: str) -> dict[str, Any]:
 
 def deploy_commands(runtime: GatewayRuntime, device_id: str | None = None) -> list[CommandRecord]:
     with Session(runtime.engine) as session:
-        query = select(CommandRecord).where(CommandRecord.kind == DEPLOY_KIND)
+        query = select(CommandRecord).where(CommandRecord.kind == CommandKind.deploy)
         if device_id is not None:
             query = query.where(CommandRecord.device_id == device_id)
         return list(session.exec(query.order_by(col(CommandRecord.created_at))))
@@ -162,7 +166,7 @@ def publisher(runtime: GatewayRuntime, broker: MosquittoSupervisor) -> Iterator[
 
 @pytest.fixture
 def scheduler(runtime: GatewayRuntime, publisher: CommandPublisher) -> RolloutScheduler:
-    return install_flow_pushes(runtime)
+    return install_flow_pushes(runtime, contextlib.ExitStack())
 
 
 @pytest.fixture
@@ -734,7 +738,7 @@ def test_two_replicas_on_one_database_send_each_device_its_command_exactly_once(
     one holds the advisory lock; with SQLite both run (one replica is the rule there, but the
     conditional claim alone must already prevent a double send). Each device counts the
     commands the broker delivers to it."""
-    install_flow_pushes(runtime)  # the reply hook
+    install_flow_pushes(runtime, contextlib.ExitStack())  # the reply hook
     devices = fleet.enroll(6)
     probes = []
     for device in devices:

@@ -29,8 +29,9 @@ from edge_agent.node_red import NodeRedClient
 from gateway.identity import GatewayIdentity
 from provisioning import keys
 from provisioning.bundles import Bundle
-from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
+from provisioning.deploy_command import DeployArgs
 from provisioning.jwt_rules import sign_command
+from provisioning.states import CommandKind
 from tests.support import local_http
 from tests.support.gateway_process import (
     START_TIMEOUT_S,
@@ -486,7 +487,7 @@ def test_the_same_command_twice_deploys_once_and_reports_the_same_result(fleet: 
         identity.private_key,
         gateway_id=gateway_id,
         device_id=machine.device_id,
-        kind=DEPLOY_KIND,
+        kind=CommandKind.deploy,
         args=args.model_dump(),
         lifetime=300,
     )
@@ -532,7 +533,7 @@ def test_a_forged_or_expired_deploy_command_is_refused_and_nothing_changes(
                 key,
                 gateway_id=gateway_id,
                 device_id=machine.device_id,
-                kind=DEPLOY_KIND,
+                kind=CommandKind.deploy,
                 args=args.model_dump(),
                 lifetime=300,
                 now=now,

@@ -21,8 +21,8 @@ import jwt
 import paho.mqtt.client as mqtt
 import pytest
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from provisioning import keys
+from provisioning.mqtt import MqttEndpoint
 from tests.support import local_http
 from tests.support.gateway_process import GatewayProcess, wait_until
 from tests.support.mosquitto import MqttProbe

@@ -12,9 +12,9 @@ import httpx
 import psutil
 import pytest
 
-from edge_agent.host_metrics import CPU, DISK, MEMORY, HostSampler
-from edge_agent.intake import DEFAULT_INTAKE_PORT, IntakeError, IntakeServer
-from edge_agent.outbox import Outbox
+from edge_agent.telemetry.host_metrics import CPU, DISK, MEMORY, HostSampler
+from edge_agent.telemetry.intake import DEFAULT_INTAKE_PORT, IntakeError, IntakeServer
+from edge_agent.telemetry.outbox import Outbox
 from provisioning.telemetry import Sample
 from tests.support.waiting import free_port, port_open, wait_for
 

@@ -14,9 +14,15 @@ from sqlmodel import Session, SQLModel
 
 from gateway.accounts.api_tokens import authenticate
 from gateway.db import MIGRATIONS_DIR, make_engine, migrate
-from gateway.models import Device, Role
+from gateway.registry.models import Device, Role
 from gateway.settings import GatewaySettings
+from gateway.telemetry.partitions import is_partition
 from provisioning.secrets import hash_secret
+
+
+def _not_a_partition(name: str | None, type_: str, _parent: object) -> bool:
+    """Telemetry partitions are made at run time, not by the migrations: left out."""
+    return not (type_ == "table" and is_partition(name))
 
 
 def test_migrations_match_models_and_rerun_cleanly(db_url: str) -> None:
@@ -25,7 +31,9 @@ def test_migrations_match_models_and_rerun_cleanly(db_url: str) -> None:
         migrate(engine)
         migrate(engine)  # a second start changes nothing
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            context = MigrationContext.configure(
+                conn, opts={"compare_type": True, "include_name": _not_a_partition}
+            )
             diff = compare_metadata(context, SQLModel.metadata)
             heads = context.get_current_heads()
             assert len(heads) == 1, f"several heads {heads}: add a merge revision"

@@ -17,12 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_agent.deployer import (
-    DeployResult,
-    DirectoryModuleSource,
-    FlowDeployer,
-    tarball_name,
-)
+from edge_agent.deploy.deployer import DirectoryModuleSource, FlowDeployer, tarball_name
+from edge_agent.deploy.store import DeployResult
 from edge_agent.node_red import (
     NodeRedAuthError,
     NodeRedClient,

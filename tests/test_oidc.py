@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from gateway.accounts.oidc import STATE_COOKIE
 from gateway.accounts.sessions import COOKIE
 from gateway.app import create_app
-from gateway.models import Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from tests.support.accounts import make_user
 from tests.support.waiting import free_port, wait_for

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edge_agent.outbox import Outbox, OutboxError, PendingBatch
+from edge_agent.telemetry.outbox import Outbox, OutboxError, PendingBatch
 from provisioning.telemetry import BatchRejected, Sample, parse_batch
 
 
@@ -123,7 +123,7 @@ def test_survives_restart_with_the_same_batches(db: Path) -> None:
 _CRASHING_AGENT = """
 import os, signal, sys, time
 from pathlib import Path
-from edge_agent.outbox import Outbox
+from edge_agent.telemetry.outbox import Outbox
 from provisioning.telemetry import Sample
 outbox = Outbox(Path(sys.argv[1]), batch_size=10)
 outbox.add([Sample("n", time.time(), float(i)) for i in range(25)])

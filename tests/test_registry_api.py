@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 
 from gateway.broker.dynsec import DynsecAdmin
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.models import Device, ProvisioningToken, Role
+from gateway.registry.models import Device, ProvisioningToken, Role
 from gateway.runtime import GatewayRuntime
 from provisioning import keys
 from provisioning.jwt_rules import sign_device_token

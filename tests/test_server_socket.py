@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from gateway.server import StartupError, listen_socket
+from gateway.errors import StartupError
+from gateway.server import listen_socket
 from tests.support.waiting import free_port
 
 

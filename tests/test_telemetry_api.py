@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from edgefleet.cmd_telemetry import parse_when
 from edgefleet.output import CommandError
 from gateway.app import create_app
-from gateway.models import Role
+from gateway.registry.models import Role
 from gateway.runtime import GatewayRuntime
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.store import IncomingBatch, TelemetryStore

@@ -26,10 +26,10 @@ from sqlalchemy.engine import Engine
 
 from gateway.broker.dynsec import GATEWAY_USERNAME
 from gateway.broker.mosquitto import gateway_password_path, pki_directory
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import CA_CERT_NAME
 from gateway.db import make_engine
 from gateway.settings import GatewaySettings
+from provisioning.mqtt import MqttEndpoint
 from provisioning.telemetry import Sample, encode_batch
 from tests.support import local_http
 from tests.support.gateway_process import (

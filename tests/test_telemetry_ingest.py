@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -23,11 +24,11 @@ from sqlalchemy.engine import Engine
 
 from gateway.broker.mosquitto import MosquittoSupervisor
 from gateway.db import make_engine, migrate
-from gateway.models import Device, DeviceState
+from gateway.registry.models import Device, DeviceState
 from gateway.settings import GatewaySettings
 from gateway.telemetry import queries
 from gateway.telemetry.models import batches
-from gateway.telemetry.retention import RetentionJob
+from gateway.telemetry.retention import Retention
 from gateway.telemetry.store import IncomingBatch, TelemetryStore
 from provisioning.telemetry import Sample, encode_batch
 from tests.support.mosquitto import MqttProbe, enroll_device, running_broker
@@ -409,7 +410,9 @@ def test_values_and_times_are_stored_bit_for_bit(engine: Engine) -> None:
     assert stored == {m: (t, v) for m, t, v in samples}
 
 
-def test_retention_deletes_old_samples_and_keys_in_chunks(engine: Engine) -> None:
+def test_retention_deletes_old_raw_samples_and_keys(engine: Engine) -> None:
+    """Raw samples the compaction never reached (here: no compaction at all) and batch keys
+    go once older than the age; keys in chunks, each chunk its own transaction."""
     device = _device_id()
     store = TelemetryStore(engine)
     now = time.time()
@@ -417,14 +420,16 @@ def test_retention_deletes_old_samples_and_keys_in_chunks(engine: Engine) -> Non
     new = [IncomingBatch(device, s, [Sample("n", now - 60 + s, float(s))]) for s in range(31, 36)]
     store.write(old, received_at=now - 7200)
     store.write(new, received_at=now)
-    result = RetentionJob(engine, max_age=3600, chunk=7, pause=0).run_once(now)
-    assert (result.samples, result.batches) == (30, 30)
-    assert result.chunks == 2 * 5  # 30 rows per table in chunks of 7: 7+7+7+7+2, each a txn
+    # Retention drops whole windows: at `later` the cutoff is the first window boundary after
+    # the old samples, well before the new ones.
+    later = (math.floor((now - 7170) / 3600) + 2) * 3600
+    result = Retention(engine, max_age=3600, chunk=7, pause=0).run_once(later)
+    assert result.batches == 30
     assert stored_values(engine, device) == [float(s) for s in range(31, 36)]
     with engine.connect() as conn:
         keys = conn.execute(sa.select(batches.c.seq).where(batches.c.device_id == device))
         assert sorted(keys.scalars()) == list(range(31, 36))
         latest = queries.latest(conn, device)
     assert [(x.metric, x.value) for x in latest] == [("n", 35.0)]
-    again = RetentionJob(engine, max_age=3600, chunk=7).run_once(now)
-    assert (again.samples, again.batches) == (0, 0)
+    again = Retention(engine, max_age=3600, chunk=7).run_once(later)
+    assert (again.raw_samples, again.batches) == (0, 0)

@@ -25,8 +25,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.outbox import Outbox
-from edge_agent.telemetry_sender import TelemetrySender
+from edge_agent.telemetry.outbox import Outbox
+from edge_agent.telemetry.sender import TelemetrySender
 from provisioning.telemetry import Sample, TelemetryBatch, parse_batch
 from tests.support.waiting import free_port, port_open, wait_for
 

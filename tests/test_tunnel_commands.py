@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from edge_agent.tunnel import TunnelEndpoint, TunnelPolicy
-from edge_agent.tunnel_handler import TunnelCommands
+from edge_agent.tunnel.endpoint import TunnelEndpoint
+from edge_agent.tunnel.handler import TunnelCommands
+from edge_agent.tunnel.policy import TunnelPolicy
 from provisioning.jwt_rules import Command
-from provisioning.wg import generate_keypair
+from provisioning.wireguard.keys import generate_keypair
 
 
 @pytest.fixture
@@ -58,29 +59,33 @@ def no_progress(_state: str, _detail: str | None) -> None:
 
 def test_refusals_touch_nothing(tmp_path: Path, no_tools: None) -> None:
     off = commands(tmp_path, TunnelPolicy())
-    result = off.open(command("tunnel.open", open_args()), no_progress)
+    result = off.open(command("tunnel.open", open_args()), no_progress).data()
     assert result["state"] == "refused" and "disabled on this machine" in result["detail"]
     limited = commands(tmp_path, TunnelPolicy(allowed=True, allowed_ports=frozenset({1880})))
-    result = limited.open(command("tunnel.open", open_args(ports=[1880, 22])), no_progress)
+    result = limited.open(command("tunnel.open", open_args(ports=[1880, 22])), no_progress).data()
     assert result == {
         "state": "refused",
         "detail": "ports [22] are not allowed for support tunnels on this machine; "
         "the owner allows [1880]",
         "tunnel_id": "t-unit",
     }
-    malformed = limited.open(command("tunnel.open", open_args(hub_endpoint="nope")), no_progress)
+    malformed = limited.open(
+        command("tunnel.open", open_args(hub_endpoint="nope")), no_progress
+    ).data()
     assert malformed["state"] == "refused" and "HOST:PORT" in malformed["detail"]
     assert not (tmp_path / "tunnel").exists()  # no key, no state, no process
 
 
 def test_connect_and_close_of_unknown_tunnels_say_so(tmp_path: Path, no_tools: None) -> None:
     handler = commands(tmp_path, TunnelPolicy(allowed=True, allowed_ports=frozenset({1880})))
-    connect = handler.connect(command("tunnel.connect", {"tunnel_id": "t-other"}), no_progress)
+    connect = handler.connect(
+        command("tunnel.connect", {"tunnel_id": "t-other"}), no_progress
+    ).data()
     assert connect == {
         "state": "failed",
         "detail": "tunnel t-other is not prepared here (expired or closed)",
     }
-    close = handler.close(command("tunnel.close", {"tunnel_id": "t-other"}), no_progress)
+    close = handler.close(command("tunnel.close", {"tunnel_id": "t-other"}), no_progress).data()
     assert close == {"state": "succeeded", "detail": "tunnel t-other is not open here"}
 
 
@@ -102,7 +107,8 @@ def test_nft_missing_is_an_error_not_an_empty_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without nft on PATH, asking for a table must fail loudly, not say "no such table"."""
-    from provisioning.wg import WgCommandError, nft_list_table
+    from provisioning.nftables import nft_list_table
+    from provisioning.wireguard.tools import WgCommandError
 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(WgCommandError, match="not installed"):

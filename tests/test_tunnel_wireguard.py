@@ -22,42 +22,35 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.tunnel import (
-    InvalidTunnelSession,
-    TunnelEndpoint,
-    TunnelPolicy,
-    TunnelRefused,
-    TunnelSession,
-)
-from gateway.tunnel import (
-    AddressNotAssignableError,
-    AddressPool,
-    HandshakeTimeoutError,
+from edge_agent.tunnel.endpoint import TunnelEndpoint
+from edge_agent.tunnel.policy import TunnelPolicy, TunnelRefused
+from gateway.tunnels.wireguard.hub import (
     HubTunnel,
-    PoolExhaustedError,
     TunnelConflictError,
     TunnelHub,
     UnknownTunnelError,
+)
+from gateway.tunnels.wireguard.pool import (
+    CGNAT_NETWORK,
+    DEFAULT_NETWORK,
+    AddressNotAssignableError,
+    PoolExhaustedError,
     choose_address,
 )
-from gateway.tunnel.pool import CGNAT_NETWORK, DEFAULT_NETWORK
-from provisioning.wg import (
-    UAPI_DIR,
-    WgCommandError,
-    WgConfigError,
+from provisioning.commands import InvalidArgs
+from provisioning.files import write_private
+from provisioning.nftables import nft_list_table
+from provisioning.process import pid_alive
+from provisioning.tunnel_command import TunnelOpenArgs
+from provisioning.wireguard.config import WgConfigError, render_wg_quick
+from provisioning.wireguard.keys import (
     WgKeyError,
-    WireGuardGo,
     generate_keypair,
-    link_exists,
-    nft_list_table,
     normalize_key,
-    parse_wg_quick,
-    pid_alive,
     public_key_from_private,
-    render_wg_quick,
-    run_command,
-    write_secret_file,
 )
+from provisioning.wireguard.tools import WgCommandError, link_exists, run_command
+from provisioning.wireguard.wireguard_go import UAPI_DIR, WireGuardGo
 from tests.support.netns import (
     Link,
     NetLab,
@@ -70,6 +63,14 @@ from tests.support.netns import (
 )
 from tests.support.node_red import node_red_executable
 from tests.support.waiting import wait_for
+from tests.support.wireguard import (
+    AddressPool,
+    HandshakeTimeoutError,
+    engineer_config,
+    parse_wg_quick,
+    tunnel_stats,
+    wait_for_handshake,
+)
 
 PORT_A, PORT_B, PORT_C = 8080, 2222, 9090
 ECHO_PORT = 7000
@@ -133,7 +134,7 @@ def test_engineer_config_round_trips_and_is_0600(tmp_path: Path) -> None:
     assert str(peer.public_key) == hub.public_key
     assert (peer.endpoint_host, peer.endpoint_port) == ("hub.example.com", 51820)
     assert [str(a) for a in peer.allowed_ips] == ["10.213.0.2/32"]
-    path = write_secret_file(tmp_path / "engineer.conf", text)
+    path = write_private(tmp_path / "engineer.conf", text)
     assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -178,7 +179,7 @@ def test_pool_is_pure_checked_and_quarantines() -> None:
         AddressPool(net, in_use=[IPv4Address("10.9.0.4")]).reserve("10.9.0.4")
 
 
-def _session(**over: object) -> TunnelSession:
+def _session(**over: object) -> TunnelOpenArgs:
     fields: dict[str, object] = {
         "tunnel_id": "t-policy",
         "device_ip": "10.213.0.2",
@@ -190,7 +191,7 @@ def _session(**over: object) -> TunnelSession:
         "expires_at": time.time() + 60,
     }
     fields.update(over)
-    return TunnelSession.from_mapping(fields)
+    return TunnelOpenArgs.parse(fields)
 
 
 def test_owner_policy_refuses_more_than_allowed() -> None:
@@ -207,11 +208,11 @@ def test_owner_policy_refuses_more_than_allowed() -> None:
     with pytest.raises(ValueError, match="unknown tunnel policy settings"):
         TunnelPolicy.from_mapping({"allowed": True, "ports": [22]})
     assert TunnelPolicy.from_mapping({"allowed": True, "allowed_ports": [22]}).allowed_ports == {22}
-    with pytest.raises(InvalidTunnelSession, match="must be HOST:PORT"):
+    with pytest.raises(InvalidArgs, match="must be HOST:PORT"):
         _session(hub_endpoint="198.18.0.1")
-    with pytest.raises(InvalidTunnelSession, match="lacks"):
-        TunnelSession.from_mapping({"tunnel_id": "x"})
-    with pytest.raises(InvalidTunnelSession, match="all differ"):
+    with pytest.raises(InvalidArgs, match="lacks"):
+        TunnelOpenArgs.parse({"tunnel_id": "x"})
+    with pytest.raises(InvalidArgs, match="all differ"):
         _session(engineer_ip="10.213.0.2")
 
 
@@ -286,7 +287,7 @@ def hub(lab: Lab, tmp_path: Path, stack: contextlib.ExitStack) -> TunnelHub:
 @dataclass
 class Opened:
     tunnel: HubTunnel
-    session: TunnelSession
+    session: TunnelOpenArgs
     endpoint: TunnelEndpoint
     eng_ns: str
     eng_iface: str
@@ -315,7 +316,7 @@ def open_tunnel(
     eng_link: Link = getattr(lab, engineer)
     device_ip, engineer_ip = pool.allocate(), pool.allocate()
     eng_keys = generate_keypair()
-    session = TunnelSession(
+    session = TunnelOpenArgs(
         tunnel_id=tunnel_id,
         device_ip=device_ip,
         engineer_ip=engineer_ip,
@@ -343,8 +344,8 @@ def open_tunnel(
     hub.add_tunnel(tunnel)  # before the device dials
     stack.callback(_remove_if_open, hub, tunnel_id)
     endpoint.connect()
-    config = hub.engineer_config(tunnel_id, eng_keys.private_key, f"{eng_link.a_ip}:{HUB_PORT}")
-    config_path = write_secret_file(tmp_path / f"{tunnel_id}-engineer.conf", config)
+    config = engineer_config(hub, tunnel_id, eng_keys.private_key, f"{eng_link.a_ip}:{HUB_PORT}")
+    config_path = write_private(tmp_path / f"{tunnel_id}-engineer.conf", config)
     iface, process = lab.net.wg_client(engineer, config, extra_allowed=extra_allowed)
     stack.callback(process.stop)
     return Opened(tunnel, session, endpoint, eng_link.b, iface, process, config_path)
@@ -410,7 +411,7 @@ def test_engineer_reaches_only_its_device_on_allowed_ports(
         f"dev2:{PORT_A}"
     )
     # Liveness is the handshake age, from `wg show dump`, on both sides.
-    stats = hub.tunnel_stats("t-one")
+    stats = tunnel_stats(hub, "t-one")
     age = stats.device_handshake_age()
     assert age is not None and age < 10
     assert stats.bytes_from_device > 0 and stats.engineer is not None
@@ -551,7 +552,7 @@ def test_close_removes_everything_and_quarantines_addresses(
     dev_iface = t.endpoint.interface
     wg_pid = t.endpoint.pid
     assert wg_pid is not None
-    assert hub.wait_for_handshake("t-close", 5).device_handshake_age() is not None
+    assert wait_for_handshake(hub, "t-close", 5).device_handshake_age() is not None
     assert wait_for(lambda: http_get(t.eng_ns, t.tunnel.device_ip, PORT_A), 5, what="tunnel up")
     assert f"inet {t.endpoint.firewall.table}" in nft_tables(dev_ns)
     assert not [p for p in (tmp_path / "agent-t-close").iterdir() if "key" in p.name]
@@ -734,12 +735,12 @@ def test_offline_device_times_out_and_leaves_nothing(hub: TunnelHub, pool: Addre
     )
     hub.add_tunnel(tunnel)
     with pytest.raises(HandshakeTimeoutError, match=r"no WireGuard handshake .* within 1s"):
-        hub.wait_for_handshake("t-offline", 1.0)
+        wait_for_handshake(hub, "t-offline", 1.0)
     hub.remove_tunnel("t-offline")
     assert hub.peer_stats() == {}
     assert hub.firewall.installed() == {}
     with pytest.raises(UnknownTunnelError, match="no open tunnel 't-offline'"):
-        hub.tunnel_stats("t-offline")
+        tunnel_stats(hub, "t-offline")
     for addr in (tunnel.device_ip, tunnel.engineer_ip):
         pool.release(addr)
 

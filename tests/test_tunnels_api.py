@@ -22,21 +22,25 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlmodel import Session, col, select
 
-from gateway import commands
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.commands import CommandPublisher
+from gateway.commands.models import CommandRecord
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.replies import apply_reply
 from gateway.db import utcnow
-from gateway.models import AuditEvent, CommandRecord, Role
+from gateway.errors import TunnelSetupError
+from gateway.registry.models import AuditEvent, Role
 from gateway.runtime import GatewayRuntime
 from gateway.settings import GatewaySettings
-from gateway.tunnels import reaper, states
+from gateway.tunnels import reaper
 from gateway.tunnels.hooks import TunnelReplyHooks
 from gateway.tunnels.models import HubRecord, TunnelAddress, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
-from gateway.tunnels.setup import TunnelSetupError, install_tunnels
+from gateway.tunnels.states import TunnelFailure
+from gateway.tunnels.wiring import install as install_tunnels
 from provisioning import keys
-from provisioning.wg import generate_keypair
+from provisioning.states import TunnelState
 from provisioning.wire import Reply
+from provisioning.wireguard.keys import generate_keypair
 from tests.conftest import api_token
 from tests.support.waiting import wait_for
 
@@ -148,9 +152,7 @@ def audits(runtime: GatewayRuntime, action: str) -> list[AuditEvent]:
 
 def reply(runtime: GatewayRuntime, device_id: str, command_id: str, **fields: Any) -> None:
     with Session(runtime.engine, expire_on_commit=False) as session:
-        commands.apply_reply(
-            session, device_id, Reply(command_id=command_id, **fields), runtime.hooks
-        )
+        apply_reply(session, device_id, Reply(command_id=command_id, **fields), runtime.hooks)
 
 
 def addresses_in_use(runtime: GatewayRuntime) -> set[str]:
@@ -354,19 +356,19 @@ def test_device_answers_move_the_tunnel_once(
     data = {"state": "succeeded", "public_key": device_key, "tunnel_id": opened[good]["id"]}
     reply(wired, good, cmd[good], state="succeeded", detail="prepared", data=data)
     prepared = row(wired, opened[good]["id"])
-    assert prepared.state == states.PREPARED and prepared.device_public_key == device_key
+    assert prepared.state == TunnelState.prepared and prepared.device_public_key == device_key
     # The same answer again (a replayed command is answered with its old result): no change.
     reply(wired, good, cmd[good], state="succeeded", detail="prepared", data=data)
-    assert row(wired, opened[good]["id"]).state == states.PREPARED
+    assert row(wired, opened[good]["id"]).state == TunnelState.prepared
     # Another device cannot answer for it (the topic names the sender).
     reply(wired, refusing, cmd[good], state="refused", detail="forged")
-    assert row(wired, opened[good]["id"]).state == states.PREPARED
+    assert row(wired, opened[good]["id"]).state == TunnelState.prepared
 
     # The owner's policy refuses: the tunnel fails with the device's reason, addresses freed.
     why = "ports [22] are not allowed for support tunnels on this machine; the owner allows [1880]"
     reply(wired, refusing, cmd[refusing], state="refused", detail=why)
     failed = row(wired, opened[refusing]["id"])
-    assert failed.state == states.FAILED and failed.failure == states.DEVICE_REFUSED
+    assert failed.state == TunnelState.failed and failed.failure == TunnelFailure.device_refused
     assert failed.close_reason == f"the device refused: {why}"
     assert not failed.device_close_due  # it brought nothing up
     assert opened[refusing]["device_ip"] not in addresses_in_use(wired)
@@ -376,7 +378,7 @@ def test_device_answers_move_the_tunnel_once(
     # An answer without a usable key is a failure too, and the device is told to drop its side.
     reply(wired, broken, cmd[broken], state="succeeded", data={"public_key": "junk"})
     bad = row(wired, opened[broken]["id"])
-    assert bad.state == states.FAILED and bad.failure == states.DEVICE_FAILED
+    assert bad.state == TunnelState.failed and bad.failure == TunnelFailure.device_failed
     assert bad.device_close_due
 
 
@@ -460,7 +462,7 @@ def test_reaper_expires_tunnels_and_hands_on_hub_ones_to_the_hub(
         session.execute(
             sa.update(TunnelRecord)
             .where(col(TunnelRecord.id) == b["id"])
-            .values(state=states.OPEN, hub_added_at=past, opened_at=past)
+            .values(state=TunnelState.open, hub_added_at=past, opened_at=past)
         )
         lifetime = timedelta(seconds=1800)
         session.execute(sa.update(TunnelRecord).values(created_at=past - lifetime, expires_at=past))
@@ -469,7 +471,7 @@ def test_reaper_expires_tunnels_and_hands_on_hub_ones_to_the_hub(
 
     # Never on the hub: final at once, addresses back, audited, device told.
     expired = row(wired, a["id"])
-    assert expired.state == states.EXPIRED and expired.closed_by == "gateway"
+    assert expired.state == TunnelState.expired and expired.closed_by == "gateway"
     assert "end of its 30m lifetime" in (expired.close_reason or "")
     (event,) = audits(wired, "tunnel.expire")
     assert event.target == queued and event.detail["opened_by"] == a["actor"]
@@ -477,7 +479,7 @@ def test_reaper_expires_tunnels_and_hands_on_hub_ones_to_the_hub(
     assert len(commands_for(wired, a["id"], "tunnel.close")) == 1
     # On the hub: handed to the hub runner, which removes the peers and then finalizes.
     closing = row(wired, b["id"])
-    assert closing.state == states.CLOSING and closing.close_state == states.EXPIRED
+    assert closing.state == TunnelState.closing and closing.close_state == TunnelState.expired
     assert b["device_ip"] in addresses_in_use(wired)
 
 

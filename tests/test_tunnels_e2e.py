@@ -24,10 +24,12 @@ from typing import Any
 import pytest
 
 from gateway.identity import GatewayIdentity
-from gateway.tunnel.firewall import HubFirewall
+from gateway.tunnels.wireguard.firewall import HubFirewall
 from provisioning import keys
 from provisioning.jwt_rules import sign_command
-from provisioning.wg import UAPI_DIR, WireGuardGo, nft_list_table, parse_wg_quick, wg_show_dump
+from provisioning.nftables import nft_list_table
+from provisioning.wireguard.tools import wg_show_dump
+from provisioning.wireguard.wireguard_go import UAPI_DIR, WireGuardGo
 from tests.support.mosquitto import MqttProbe
 from tests.support.netns import (
     http_get,
@@ -39,6 +41,7 @@ from tests.support.netns import (
 from tests.support.node_red import node_red_executable
 from tests.support.tunnel_lab import HUB_PORT, PUBLIC_IP, Process, TunnelLab
 from tests.support.waiting import wait_for
+from tests.support.wireguard import parse_wg_quick
 
 _REASON = missing_requirements()
 pytestmark = [

@@ -1,23 +1,7 @@
-"""Support tunnels, device side: the owner's policy, the WireGuard endpoint, its local filter.
+"""Support tunnels, device side: the commands, the owner's policy, the WireGuard endpoint, a filter.
 
-Imports only `provisioning`, never `gateway`.
+`handler` answers `tunnel.open`, `tunnel.connect` and `tunnel.close`; `policy` is the machine
+owner's word on what may be opened; `endpoint` brings the session's WireGuard interface up and
+down (with its hard expiry); `firewall` is the local nftables filter. Imports only
+`provisioning`, never `gateway`.
 """
-
-from edge_agent.tunnel.endpoint import (
-    InvalidTunnelSession,
-    TunnelEndpoint,
-    TunnelEndpointError,
-    TunnelSession,
-)
-from edge_agent.tunnel.firewall import AgentFirewall
-from edge_agent.tunnel.policy import TunnelPolicy, TunnelRefused
-
-__all__ = [
-    "AgentFirewall",
-    "InvalidTunnelSession",
-    "TunnelEndpoint",
-    "TunnelEndpointError",
-    "TunnelPolicy",
-    "TunnelRefused",
-    "TunnelSession",
-]

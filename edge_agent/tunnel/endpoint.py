@@ -1,8 +1,8 @@
 """The device's end of a support tunnel: fresh keys, outbound WireGuard, local filter, hard expiry.
 
-One session at a time per interface. Bringing it up is split in two so the hub can add the
-device's peer before the device dials (a handshake to a peer the hub does not know yet is retried
-only after ~5 s):
+One session (a `tunnel.open`'s `TunnelOpenArgs`) at a time per interface. Bringing it up is split
+in two so the hub can add the device's peer before the device dials (a handshake to a peer the
+hub does not know yet is retried only after ~5 s):
 
 1. `prepare(session)` checks the owner's policy, makes a key pair for this session only, installs
    the local nftables filter, starts wireguard-go, sets key, address, MTU and routes, arms the
@@ -24,37 +24,31 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, ip_address
+from collections.abc import Callable
+from ipaddress import IPv4Interface
 from pathlib import Path
-from typing import Any
 
 from edge_agent.tunnel.firewall import AgentFirewall
 from edge_agent.tunnel.policy import TunnelPolicy
-from provisioning.wg import (
-    DEFAULT_KEEPALIVE,
-    DEFAULT_MTU,
+from provisioning.files import write_private
+from provisioning.tunnel_command import TunnelOpenArgs
+from provisioning.wireguard.config import host_network
+from provisioning.wireguard.keys import generate_keypair
+from provisioning.wireguard.tools import (
     PeerStats,
     PeerUpdate,
-    WgKeyError,
     WireGuardError,
-    WireGuardGo,
     check_interface_name,
     configure_link,
-    generate_keypair,
-    host_network,
     link_exists,
-    normalize_key,
     run_command,
     wg_set_peers,
     wg_set_private_key,
     wg_show_dump,
-    write_secret_file,
 )
+from provisioning.wireguard.wireguard_go import WireGuardGo
 
 logger = logging.getLogger(__name__)
 
@@ -62,121 +56,11 @@ DEFAULT_INTERFACE = "eftun0"
 #: How long after `expires_at` the process-level deadline (`timeout`) kills wireguard-go if the
 #: agent's own timer did not run (agent dead or hung).
 HARD_STOP_GRACE = 5.0
-_TUNNEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-CloseCallback = Callable[["TunnelSession", str], None]
-
-
-class InvalidTunnelSession(ValueError):
-    """A tunnel request is malformed (bad address, key, port, endpoint...)."""
+CloseCallback = Callable[[TunnelOpenArgs, str], None]
 
 
 class TunnelEndpointError(WireGuardError):
     """The endpoint cannot do what was asked in its current state."""
-
-
-def _ipv4(value: Any, what: str) -> IPv4Address:
-    try:
-        addr = ip_address(value)
-    except ValueError as exc:
-        raise InvalidTunnelSession(f"{what} {value!r} is not an IP address") from exc
-    if not isinstance(addr, IPv4Address):
-        raise InvalidTunnelSession(f"{what} {value!r} must be IPv4")
-    return addr
-
-
-@dataclass(frozen=True)
-class TunnelSession:
-    """What a `tunnel.open` command asks this device to bring up."""
-
-    tunnel_id: str
-    device_ip: IPv4Address
-    engineer_ip: IPv4Address
-    hub_ip: IPv4Address
-    hub_public_key: str
-    hub_endpoint: str
-    ports: frozenset[int] = field(default_factory=frozenset)
-    expires_at: float = 0.0
-    mtu: int = DEFAULT_MTU
-    keepalive: int = DEFAULT_KEEPALIVE
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.tunnel_id, str) or not _TUNNEL_ID_RE.match(self.tunnel_id):
-            raise InvalidTunnelSession(
-                f"tunnel id {self.tunnel_id!r} is not valid: 1-64 letters, digits, '_' or '-'"
-            )
-        setattr_ = object.__setattr__
-        setattr_(self, "device_ip", _ipv4(self.device_ip, "device address"))
-        setattr_(self, "engineer_ip", _ipv4(self.engineer_ip, "engineer address"))
-        setattr_(self, "hub_ip", _ipv4(self.hub_ip, "hub address"))
-        if len({self.device_ip, self.engineer_ip, self.hub_ip}) != 3:
-            raise InvalidTunnelSession("device, engineer and hub addresses must all differ")
-        try:
-            setattr_(self, "hub_public_key", normalize_key(self.hub_public_key, "hub public key"))
-        except WgKeyError as exc:
-            raise InvalidTunnelSession(str(exc)) from exc
-        host, sep, port = str(self.hub_endpoint).rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidTunnelSession(
-                f"hub endpoint {self.hub_endpoint!r} must be HOST:PORT with a port 1..65535"
-            )
-        ports = frozenset(self.ports)
-        bad = [
-            p for p in ports if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536
-        ]
-        if not ports or bad:
-            raise InvalidTunnelSession(
-                f"ports must be a non-empty list of 1..65535, got {bad or []}"
-            )
-        setattr_(self, "ports", ports)
-        if isinstance(self.expires_at, bool) or not isinstance(self.expires_at, int | float):
-            raise InvalidTunnelSession("expires_at must be a Unix time in seconds")
-        setattr_(self, "expires_at", float(self.expires_at))
-        if not 576 <= self.mtu <= 65535:
-            raise InvalidTunnelSession(f"MTU {self.mtu} is out of range 576..65535")
-        if not 0 < self.keepalive <= 65535:
-            raise InvalidTunnelSession(f"keepalive {self.keepalive} must be 1..65535 seconds")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> TunnelSession:
-        """Build from a decoded command payload; missing or unknown keys raise clearly."""
-        names = {
-            "tunnel_id",
-            "device_ip",
-            "engineer_ip",
-            "hub_ip",
-            "hub_public_key",
-            "hub_endpoint",
-            "ports",
-            "expires_at",
-            "mtu",
-            "keepalive",
-        }
-        unknown = set(data) - names
-        if unknown:
-            raise InvalidTunnelSession(f"unknown tunnel fields {sorted(unknown)}")
-        missing = names - {"mtu", "keepalive"} - set(data)
-        if missing:
-            raise InvalidTunnelSession(f"tunnel request lacks {sorted(missing)}")
-        ports = data["ports"]
-        if isinstance(ports, str | bytes) or not isinstance(ports, Iterable):
-            raise InvalidTunnelSession("ports must be a list of port numbers")
-        return cls(**{**data, "ports": frozenset(ports)})
-
-    def to_mapping(self) -> dict[str, Any]:
-        """JSON-ready form (inverse of `from_mapping`)."""
-        return {
-            "tunnel_id": self.tunnel_id,
-            "device_ip": str(self.device_ip),
-            "engineer_ip": str(self.engineer_ip),
-            "hub_ip": str(self.hub_ip),
-            "hub_public_key": self.hub_public_key,
-            "hub_endpoint": self.hub_endpoint,
-            "ports": sorted(self.ports),
-            "expires_at": self.expires_at,
-            "mtu": self.mtu,
-            "keepalive": self.keepalive,
-        }
 
 
 class TunnelEndpoint:
@@ -209,12 +93,12 @@ class TunnelEndpoint:
         )
         self._state_file = self.state_dir / f"tunnel-{self.interface}.json"
         self._lock = threading.RLock()
-        self._session: TunnelSession | None = None
+        self._session: TunnelOpenArgs | None = None
         self._public_key: str | None = None
         self._timer: threading.Timer | None = None
 
     @property
-    def session(self) -> TunnelSession | None:
+    def session(self) -> TunnelOpenArgs | None:
         """The open session, if any."""
         return self._session
 
@@ -230,7 +114,7 @@ class TunnelEndpoint:
 
     # ------------------------------------------------------------------ open
 
-    def prepare(self, session: TunnelSession) -> str:
+    def prepare(self, session: TunnelOpenArgs) -> str:
         """Bring the interface up without dialing; return this session's public key.
 
         Raises TunnelRefused (from the owner's policy) before anything is touched, and
@@ -304,7 +188,7 @@ class TunnelEndpoint:
             )
             logger.info("tunnel %s dialing hub %s", session.tunnel_id, session.hub_endpoint)
 
-    def open(self, session: TunnelSession) -> str:
+    def open(self, session: TunnelOpenArgs) -> str:
         """`prepare` then `connect`; returns the public key."""
         public_key = self.prepare(session)
         try:
@@ -340,7 +224,7 @@ class TunnelEndpoint:
     def _expire(self) -> None:
         self.close("expired")
 
-    def _arm_timer(self, session: TunnelSession) -> None:
+    def _arm_timer(self, session: TunnelOpenArgs) -> None:
         delay = max(0.0, session.expires_at - time.time())
         timer = threading.Timer(delay, self._expire)
         timer.name = f"tunnel-expiry-{self.interface}"
@@ -381,11 +265,11 @@ class TunnelEndpoint:
 
     # ------------------------------------------------------------------ restart, state
 
-    def _write_state(self, session: TunnelSession, public_key: str) -> None:
-        state = {"session": session.to_mapping(), "public_key": public_key}
-        write_secret_file(self._state_file, json.dumps(state))
+    def _write_state(self, session: TunnelOpenArgs, public_key: str) -> None:
+        state = {"session": session.model_dump(mode="json"), "public_key": public_key}
+        write_private(self._state_file, json.dumps(state))
 
-    def recover(self) -> TunnelSession | None:
+    def recover(self) -> TunnelOpenArgs | None:
         """After an agent restart: re-arm the timer of a live session, or clean up what is left.
 
         Returns the session that is still open, or None.
@@ -395,7 +279,7 @@ class TunnelEndpoint:
                 return self._session
             try:
                 state = json.loads(self._state_file.read_text(encoding="utf-8"))
-                session = TunnelSession.from_mapping(state["session"])
+                session = TunnelOpenArgs.parse(state["session"])
                 public_key = str(state["public_key"])
             except FileNotFoundError:
                 session = None

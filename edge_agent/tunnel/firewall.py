@@ -16,26 +16,12 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any
 
-from provisioning.wg import (
-    WgCommandError,
-    check_interface_name,
-    nft_apply,
-    nft_delete_table,
-    nft_list_table,
-)
+from provisioning import nftables as nft
+from provisioning.wireguard.tools import WgCommandError, check_interface_name
 
 logger = logging.getLogger(__name__)
 
-FAMILY = "inet"
 TABLE_PREFIX = "edgefleet_agent_"
-
-
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _ip(field_name: str) -> dict[str, Any]:
-    return {"payload": {"protocol": "ip", "field": field_name}}
 
 
 class AgentFirewall:
@@ -44,20 +30,8 @@ class AgentFirewall:
     def __init__(self, interface: str, *, netns: str | None = None) -> None:
         self.interface = check_interface_name(interface)
         self.netns = netns
-        self.table = TABLE_PREFIX + self.interface
-
-    def _obj(self, **extra: Any) -> dict[str, Any]:
-        return {"family": FAMILY, "table": self.table, **extra}
-
-    def _chain(self, name: str, hook: str) -> dict[str, Any]:
-        return {
-            "add": {
-                "chain": self._obj(name=name, type="filter", hook=hook, prio=0, policy="accept")
-            }
-        }
-
-    def _rule(self, chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
-        return {"add": {"rule": self._obj(chain=chain, expr=list(expr))}}
+        self._table = nft.Table(TABLE_PREFIX + self.interface, netns=netns)
+        self.table = self._table.name
 
     def apply(
         self, *, engineer_ip: IPv4Address, device_ip: IPv4Address, ports: Iterable[int]
@@ -66,35 +40,36 @@ class AgentFirewall:
         port_set = sorted(set(ports))
         if not port_set:
             raise ValueError("a tunnel filter needs at least one port")
-        iif = _match({"meta": {"key": "iifname"}}, self.interface)
-        oif = _match({"meta": {"key": "oifname"}}, self.interface)
-        established = _match({"ct": {"key": "state"}}, ["established", "related"], op="in")
-        drop = ({"counter": None}, {"drop": None})
+        table = self._table
+        iif = nft.match(nft.meta("iifname"), self.interface)
+        oif = nft.match(nft.meta("oifname"), self.interface)
+        established = nft.ct_state("established", "related")
         commands: list[dict[str, Any]] = []
-        if nft_list_table(FAMILY, self.table, netns=self.netns) is not None:
-            commands.append({"delete": {"table": {"family": FAMILY, "name": self.table}}})
+        if table.listing() is not None:
+            commands.append(table.delete())
         commands += [
-            {"add": {"table": {"family": FAMILY, "name": self.table}}},
-            self._chain("tunnel_in", "input"),
-            self._chain("tunnel_out", "output"),
-            self._chain("tunnel_forward", "forward"),
-            self._rule("tunnel_in", iif, established, {"accept": None}),
-            self._rule(
+            table.add(),
+            table.base_chain("tunnel_in", "input"),
+            table.base_chain("tunnel_out", "output"),
+            table.base_chain("tunnel_forward", "forward"),
+            table.rule("tunnel_in", [iif, established, nft.ACCEPT]),
+            table.rule(
                 "tunnel_in",
-                iif,
-                _match(_ip("saddr"), str(engineer_ip)),
-                _match(_ip("daddr"), str(device_ip)),
-                _match({"meta": {"key": "l4proto"}}, {"set": ["tcp", "udp"]}),
-                _match({"payload": {"protocol": "th", "field": "dport"}}, {"set": port_set}),
-                {"accept": None},
+                [
+                    iif,
+                    nft.match(nft.ip_field("saddr"), str(engineer_ip)),
+                    nft.match(nft.ip_field("daddr"), str(device_ip)),
+                    *nft.to_ports(port_set),
+                    nft.ACCEPT,
+                ],
             ),
-            self._rule("tunnel_in", iif, *drop),
-            self._rule("tunnel_out", oif, established, {"accept": None}),
-            self._rule("tunnel_out", oif, *drop),
-            self._rule("tunnel_forward", iif, *drop),
-            self._rule("tunnel_forward", oif, *drop),
+            table.rule("tunnel_in", [iif, *nft.COUNT_AND_DROP]),
+            table.rule("tunnel_out", [oif, established, nft.ACCEPT]),
+            table.rule("tunnel_out", [oif, *nft.COUNT_AND_DROP]),
+            table.rule("tunnel_forward", [iif, *nft.COUNT_AND_DROP]),
+            table.rule("tunnel_forward", [oif, *nft.COUNT_AND_DROP]),
         ]
-        nft_apply(commands, netns=self.netns)
+        table.apply(commands)
         logger.info(
             "agent firewall on %s: only %s -> %s ports %s",
             self.interface,
@@ -106,7 +81,7 @@ class AgentFirewall:
     def installed(self) -> bool:
         """Whether this interface's table exists (on a machine without nft: it cannot)."""
         try:
-            return nft_list_table(FAMILY, self.table, netns=self.netns) is not None
+            return self._table.listing() is not None
         except WgCommandError as exc:
             if exc.tool_missing:
                 return False
@@ -115,7 +90,7 @@ class AgentFirewall:
     def remove(self) -> bool:
         """Delete the table; False if it was not there (or nft is not even installed)."""
         try:
-            return nft_delete_table(FAMILY, self.table, netns=self.netns)
+            return self._table.remove()
         except WgCommandError as exc:
             if exc.tool_missing:
                 return False

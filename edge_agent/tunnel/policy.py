@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edge_agent.tunnel.endpoint import TunnelSession
+    from provisioning.tunnel_command import TunnelOpenArgs
 
 DEFAULT_MAX_TTL = 12 * 3600.0
 #: Allowed difference between gateway and device clocks when checking the requested lifetime.
@@ -76,7 +76,7 @@ class TunnelPolicy:
             raise ValueError("tunnel policy 'max_ttl' must be a number of seconds")
         return cls(allowed=allowed, allowed_ports=frozenset(ports), max_ttl=float(max_ttl))
 
-    def check(self, session: TunnelSession, now: float | None = None) -> None:
+    def check(self, session: TunnelOpenArgs, now: float | None = None) -> None:
         """Raise TunnelRefused unless this machine's owner allows `session` as asked."""
         current = time.time() if now is None else now
         if not self.allowed:

@@ -24,14 +24,14 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.accounts import users
 from gateway.accounts.models import User
 from gateway.accounts.principal import Actor, Principal, PrincipalKind, actor_label
 from gateway.db import utcnow
 from gateway.errors import Forbidden, Invalid, NotFound, Unauthorized
-from gateway.models import ApiToken, Role
 from gateway.pagination import Page, PageRequest, SortKey, paginate
+from gateway.registry import audit
+from gateway.registry.models import ApiToken, Role
 from provisioning.secrets import API_TOKEN_PREFIX, hash_secret, new_secret
 
 DEFAULT_TTL = 90 * 86400

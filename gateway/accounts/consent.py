@@ -20,13 +20,13 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.accounts import customers
 from gateway.accounts.models import Customer, SupportGrant
 from gateway.accounts.principal import Principal
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid
-from gateway.models import Device
+from gateway.registry import audit
+from gateway.registry.models import Device
 from gateway.tunnels import states as tunnel_states
 from gateway.tunnels.models import TunnelRecord
 

@@ -8,12 +8,12 @@ import secrets
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.accounts.models import Customer
 from gateway.accounts.principal import Principal
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.pagination import Page, PageRequest, SortKey, paginate
+from gateway.registry import audit
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.&-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from gateway import audit
 from gateway.accounts import api_tokens, sessions, users
 from gateway.accounts.models import User
 from gateway.accounts.principal import Actor, Principal, PrincipalKind, actor_label
 from gateway.db import utcnow
-from gateway.models import ApiToken, Role
+from gateway.registry import audit
+from gateway.registry.models import ApiToken, Role
 from gateway.settings import GatewaySettings
 
 

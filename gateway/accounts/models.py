@@ -13,7 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Column, Field, SQLModel
 
-from gateway.models import Role, UTCDateTime
+from gateway.db import UTCDateTime
+from gateway.registry.models import Role
 
 
 def _ts(nullable: bool = False, index: bool = False) -> Any:

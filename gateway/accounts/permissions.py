@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gateway.models import Role
+from gateway.registry.models import Role
 
 
 class Permission(StrEnum):

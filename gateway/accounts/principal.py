@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.accounts.permissions import Permission, allows
-from gateway.models import Role
+from gateway.registry.models import Role
 
 ACTOR_MAX = 64
 
 
 class Actor(str):
     """The name an audit entry shows (an email, a token's name), carrying the exact ids of the
-    person and the token behind it: `gateway.audit.record` stores those beside the name, so
+    person and the token behind it: `gateway.registry.audit.record` stores those beside the name, so
     every entry names who acted even where the name had to be shortened."""
 
     user_id: str | None

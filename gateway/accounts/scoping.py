@@ -18,7 +18,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from gateway.accounts.principal import Principal
 from gateway.errors import Conflict, NotFound
-from gateway.models import Device, DeviceState
+from gateway.registry.models import Device, DeviceState
 
 Q = TypeVar("Q", bound=SelectOfScalar[Any])
 

@@ -15,14 +15,14 @@ import secrets
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.accounts import customers, passwords, rate_limit, sessions
 from gateway.accounts.models import User
 from gateway.accounts.principal import Actor, Principal, PrincipalKind
 from gateway.db import utcnow
 from gateway.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
-from gateway.models import ApiToken, Role
 from gateway.pagination import Page, PageRequest, SortKey, paginate
+from gateway.registry import audit
+from gateway.registry.models import ApiToken, Role
 from gateway.settings import GatewaySettings
 
 # Spelled out rather than \s, whose meaning differs between Python's re, pydantic's regex engine

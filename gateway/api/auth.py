@@ -21,13 +21,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway import devices
 from gateway.accounts import api_tokens, csrf, sessions
 from gateway.accounts.permissions import Permission, needed_role
 from gateway.accounts.principal import Actor, Principal, PrincipalKind, actor_label
 from gateway.api.deps import RuntimeDep, SessionDep
 from gateway.errors import Forbidden, Unauthorized
-from gateway.models import Device, Role
+from gateway.registry import devices
+from gateway.registry.models import Device, Role
 
 _bearer = HTTPBearer(auto_error=False, description="A person's API token (efa_...).")
 _cookie = APIKeyCookie(

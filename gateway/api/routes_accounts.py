@@ -18,20 +18,7 @@ from gateway.accounts import (
     users,
 )
 from gateway.accounts.models import User
-from gateway.api.auth import (
-    ConsentManage,
-    ConsentRead,
-    CustomersManage,
-    CustomersRead,
-    PersonDep,
-    TokensOwn,
-    UsersManage,
-    UsersRead,
-)
-from gateway.api.deps import RuntimeDep, SessionDep
-from gateway.api.pages import PageDep, send_page
-from gateway.api.schemas import ApiTokenCreate, ApiTokenCreated, ApiTokenOut
-from gateway.api.schemas_accounts import (
+from gateway.accounts.schemas import (
     ConsentOut,
     ConsentRequire,
     CustomerCreate,
@@ -44,7 +31,20 @@ from gateway.api.schemas_accounts import (
     UserCreate,
     UserOut,
 )
+from gateway.api.auth import (
+    ConsentManage,
+    ConsentRead,
+    CustomersManage,
+    CustomersRead,
+    PersonDep,
+    TokensOwn,
+    UsersManage,
+    UsersRead,
+)
+from gateway.api.deps import RuntimeDep, SessionDep
+from gateway.api.pages import PageDep, send_page
 from gateway.errors import Forbidden
+from gateway.registry.schemas import ApiTokenCreate, ApiTokenCreated, ApiTokenOut
 from gateway.tunnels import service as tunnel_service
 from provisioning.wire import DeviceName, ErrorBody
 

@@ -11,16 +11,19 @@ from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlmodel import Session
 
-from gateway import commands, devices
 from gateway.accounts import customers, scoping
 from gateway.accounts.principal import Principal
 from gateway.api.auth import FleetAssign, FleetClaim, FleetLabel, FleetPing, FleetRead, FleetRevoke
 from gateway.api.deps import RuntimeDep, SessionDep
 from gateway.api.pages import PageDep, send_page
-from gateway.api.schemas import CommandOut, DeviceOut
+from gateway.commands.models import CommandRecord
+from gateway.commands.sender import issue
 from gateway.errors import Conflict, Invalid, NotFound
-from gateway.machines import ownership, registry
-from gateway.models import CommandRecord, Device
+from gateway.registry import devices, machines, ownership
+from gateway.registry.models import Device
+from gateway.registry.schemas import CommandOut, DeviceOut
+from provisioning.commands import PingArgs
+from provisioning.states import CommandKind
 from provisioning.wire import DeviceName, ErrorBody, Tags
 
 _errors: dict[int | str, dict[str, object]] = {
@@ -35,7 +38,7 @@ def device_out(session: Session, device: Device) -> DeviceOut:
 
 def devices_out(session: Session, found: list[Device]) -> list[DeviceOut]:
     names = customers.names(session, {d.customer_id for d in found if d.customer_id})
-    releases = registry.current_releases(session, [d.id for d in found])
+    releases = machines.current_releases(session, [d.id for d in found])
     return [DeviceOut.of(d, names.get(d.customer_id or ""), releases.get(d.id)) for d in found]
 
 
@@ -78,14 +81,14 @@ def list_devices(
     name_prefix: Annotated[str | None, Query(max_length=64)] = None,
     include_revoked: Annotated[bool, Query(description="Also list revoked machines.")] = False,
 ) -> list[DeviceOut]:
-    where = registry.DeviceFilter(
+    where = machines.DeviceFilter(
         tags=parse_tag_selector(tag),
         online=online,
         customer=customer,
         name_prefix=name_prefix,
         include_revoked=include_revoked,
     )
-    found = registry.list_devices(session, who, where, page)
+    found = machines.list_devices(session, who, where, page)
     send_page(request, response, found)
     return devices_out(session, found.items)
 
@@ -106,7 +109,7 @@ class RenameBody(BaseModel):
 
 @router.post("/devices/{device}/rename", response_model=DeviceOut, summary="Rename a machine")
 def rename_device(device: str, body: RenameBody, session: SessionDep, who: FleetLabel) -> DeviceOut:
-    return device_out(session, registry.rename(session, who, device, body.name))
+    return device_out(session, machines.rename(session, who, device, body.name))
 
 
 class TagBody(BaseModel):
@@ -121,7 +124,7 @@ class TagBody(BaseModel):
     "/devices/{device}/tags", response_model=DeviceOut, summary="Set and remove a machine's tags"
 )
 def tag_device(device: str, body: TagBody, session: SessionDep, who: FleetLabel) -> DeviceOut:
-    return device_out(session, registry.retag(session, who, device, body.set, body.remove))
+    return device_out(session, machines.retag(session, who, device, body.set, body.remove))
 
 
 class AssignBody(BaseModel):
@@ -187,13 +190,13 @@ def ping_device(
     row = scoping.resolve_device(session, who, device)
     if row.state != "active":
         raise Conflict("device_revoked", f"device {row.id} is revoked")
-    record = commands.issue(
+    record = issue(
         session,
         identity=runtime.identity,
         publisher=runtime.command_publisher(),
         device_id=row.id,
-        kind="ping",
-        args={},
+        kind=CommandKind.ping,
+        args=PingArgs(),
         lifetime=300,
         actor=who.actor,
     )
@@ -236,7 +239,7 @@ def device_deployments(
     who: FleetRead,
     page: PageDep,
 ) -> list[DeviceDeploymentOut]:
-    _, found = registry.deployment_records(session, who, device, page)
+    _, found = machines.deployment_records(session, who, device, page)
     send_page(request, response, found)
     return [
         DeviceDeploymentOut(

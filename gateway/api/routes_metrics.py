@@ -11,7 +11,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.api.deps import RuntimeDep
-from gateway.machines.fleet_metrics import FleetCollector
+from gateway.registry.fleet_metrics import FleetCollector
 
 router = APIRouter()
 

@@ -7,22 +7,22 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 from sqlmodel import col, select
 
-from gateway import devices, tokens
 from gateway.accounts import customers, scoping
 from gateway.api.auth import AuditRead, DeviceDep, Provision
 from gateway.api.deps import RuntimeDep, SessionDep
 from gateway.api.pages import PageDep, send_page
-from gateway.api.schemas import (
+from gateway.errors import Conflict, Invalid, Unauthorized
+from gateway.pagination import SortKey, paginate
+from gateway.registry import devices, tokens
+from gateway.registry.devices import EnrollContext
+from gateway.registry.models import AuditEvent, ProvisioningToken
+from gateway.registry.schemas import (
     AuditOut,
     DeviceSelf,
     ProvisioningTokenCreate,
     ProvisioningTokenCreated,
     ProvisioningTokenOut,
 )
-from gateway.devices import EnrollContext
-from gateway.errors import Conflict, Invalid, Unauthorized
-from gateway.models import AuditEvent, ProvisioningToken
-from gateway.pagination import SortKey, paginate
 from provisioning.wire import EnrollRequest, EnrollResponse, ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {

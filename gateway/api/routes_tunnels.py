@@ -14,14 +14,15 @@ from gateway.api.deps import RuntimeDep, SessionDep
 from gateway.api.pages import PageDep, send_page
 from gateway.db import utcnow
 from gateway.errors import NotFound
-from gateway.models import Device
 from gateway.pagination import SortKey, paginate
-from gateway.tunnel.pool import parse_network
-from gateway.tunnels import addresses, service, states
+from gateway.registry.models import Device
+from gateway.tunnels import addresses, service
 from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.schemas import PoolOut, TunnelOut
 from gateway.tunnels.schemas import TunnelClose as TunnelCloseBody
 from gateway.tunnels.schemas import TunnelOpen as TunnelOpenBody
+from gateway.tunnels.wireguard.pool import parse_network
+from provisioning.states import TUNNEL_FINAL
 from provisioning.wire import ErrorBody
 
 _errors: dict[int | str, dict[str, object]] = {
@@ -78,7 +79,7 @@ def list_tunnels(
 ) -> list[TunnelOut]:
     query = select(TunnelRecord).where(col(TunnelRecord.device_id).in_(scoping.device_ids(who)))
     if not include_closed:
-        query = query.where(col(TunnelRecord.state).not_in(states.FINAL))
+        query = query.where(col(TunnelRecord.state).not_in(TUNNEL_FINAL))
     if device_id:
         device = scoping.resolve_device(session, who, device_id)
         query = query.where(TunnelRecord.device_id == device.id)

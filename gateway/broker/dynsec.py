@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -28,17 +27,30 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.broker.permissions import DEVICE_TOPIC_IN, DEVICE_TOPICS_OUT, device_topics
-from gateway.broker.pki import write_private_file
+from gateway.broker.permissions import device_topics
+from gateway.errors import BrokerError, BrokerRefused, BrokerUnavailable, DeviceExistsError
+from provisioning.files import write_private
+from provisioning.mqtt import (
+    MqttEndpoint,
+    make_client,
+    start_client,
+    stop_client,
+    unique_client_id,
+)
+from provisioning.wire import (
+    DEVICE_PUBLISHES,
+    DEVICE_RECEIVES,
+    Topics,
+    is_device_id,
+    validate_device_id,
+    validate_topic_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +62,6 @@ GATEWAY_USERNAME = "edgefleet_gateway"
 GATEWAY_ROLE = "edgefleet_gateway"
 DEVICE_ROLE_PREFIX = "device-"
 
-DEVICE_ID_RE = re.compile(r"[a-z0-9-]{3,64}")
-_PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 # Mosquitto's dynsec plugin hashes with PBKDF2-HMAC-SHA512 and reads back exactly 12 bytes of salt.
 _SALT_BYTES = 12
@@ -64,35 +74,6 @@ DEFAULT_ACL_ACCESS = {
     "subscribe": False,
     "unsubscribe": True,
 }
-
-
-class BrokerError(RuntimeError):
-    """The broker refused a dynamic-security command or could not be reached in time."""
-
-
-class DeviceExistsError(BrokerError):
-    """The device already has a broker credential."""
-
-
-def validate_device_id(device_id: str) -> str:
-    """Return `device_id` if it is a safe topic segment (``[a-z0-9-]{3,64}``), else ValueError."""
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
-        raise ValueError(
-            f"invalid device id {device_id!r}: use 3 to 64 characters from a-z, 0-9 and '-' "
-            f"(it becomes an MQTT topic segment, username and client id)"
-        )
-    return device_id
-
-
-def validate_topic_prefix(prefix: str) -> str:
-    """Return `prefix` if it is a plain topic path (no wildcards, no ``$``), else ValueError."""
-    segments = prefix.split("/") if isinstance(prefix, str) else [""]
-    if not all(_PREFIX_SEGMENT_RE.fullmatch(segment) for segment in segments):
-        raise ValueError(
-            f"invalid topic prefix {prefix!r}: use one or more '/'-separated segments of "
-            f"letters, digits, '_', '.' and '-' (no wildcards, no '$'), e.g. 'fleet'"
-        )
-    return prefix
 
 
 def generate_password() -> str:
@@ -126,18 +107,18 @@ def gateway_acls(topic_prefix: str) -> list[dict[str, Any]]:
     messages are not sent to shared subscriptions); send commands; clear a revoked device's
     retained status.
     """
-    prefix = validate_topic_prefix(topic_prefix)
+    topics = Topics(validate_topic_prefix(topic_prefix))
     acls = [
         _acl("publishClientSend", CONTROL_TOPIC),
         _acl("subscribeLiteral", RESPONSE_TOPIC),
         _acl("publishClientReceive", RESPONSE_TOPIC),
     ]
-    for kind in DEVICE_TOPICS_OUT:
-        acls.append(_acl("subscribePattern", f"$share/+/{prefix}/+/{kind}"))
-        acls.append(_acl("publishClientReceive", f"{prefix}/+/{kind}"))
-    acls.append(_acl("subscribePattern", f"{prefix}/+/status"))
-    acls.append(_acl("publishClientSend", f"{prefix}/+/{DEVICE_TOPIC_IN}"))
-    acls.append(_acl("publishClientSend", f"{prefix}/+/status"))
+    for leaf in DEVICE_PUBLISHES:
+        acls.append(_acl("subscribePattern", topics.shared(leaf, group="+")))
+        acls.append(_acl("publishClientReceive", topics.all_of(leaf)))
+    acls.append(_acl("subscribePattern", topics.all_of("status")))
+    acls.append(_acl("publishClientSend", topics.all_of(DEVICE_RECEIVES)))
+    acls.append(_acl("publishClientSend", topics.all_of("status")))
     return acls
 
 
@@ -199,7 +180,7 @@ def prepare_config_file(path: Path, admin_password: str, topic_prefix: str) -> N
     admin.pop("clientid", None)
     admin.pop("disabled", None)
     admin["roles"] = [{"rolename": GATEWAY_ROLE}]
-    write_private_file(path, json.dumps(config, indent=2).encode())
+    write_private(path, json.dumps(config, indent=2))
 
 
 # -- the control API, while the broker runs ------------------------------------------------------
@@ -237,16 +218,14 @@ class DynsecAdmin:
         self._ready = threading.Event()
         self._fatal: str | None = None
         self._started = False
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edgefleet-dynsec-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=True,
+        self._client = make_client(
+            endpoint,
+            client_id or unique_client_id("dynsec"),
+            name="dynsec admin",
+            on_connected=self._subscribe,
+            on_refused=self._refused,
+            max_reconnect_delay=4,
         )
-        endpoint.configure(self._client)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=4)
-        self._client.suppress_exceptions = True
-        self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -260,8 +239,7 @@ class DynsecAdmin:
                 return
             self._started = True
             self._fatal = None
-        self._client.connect_async(self._endpoint.host, self._endpoint.port, keepalive=30)
-        self._client.loop_start()
+        start_client(self._client, self._endpoint, keepalive=30)
         deadline = time.monotonic() + self._timeout
         while not self._ready.wait(0.05):
             if self._fatal is not None or time.monotonic() >= deadline:
@@ -269,7 +247,8 @@ class DynsecAdmin:
                     f"no connection within {self._timeout:.1f}s (is the broker running?)"
                 )
                 self.close()
-                raise BrokerError(
+                failure = BrokerRefused if self._fatal is not None else BrokerUnavailable
+                raise failure(
                     f"cannot connect to the broker at {self._endpoint.url} as "
                     f"{self._endpoint.username!r} for dynamic-security: {reason}"
                 )
@@ -284,19 +263,13 @@ class DynsecAdmin:
         for waiter in pending:
             waiter.error = "the dynamic-security admin connection was closed"
             waiter.done.set()
-        self._client.disconnect()
-        self._client.loop_stop()
+        stop_client(self._client)
 
     def __enter__(self) -> Self:
         self.connect()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
     @property
@@ -305,18 +278,10 @@ class DynsecAdmin:
 
     # paho callbacks (network thread: never block here)
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason_code.is_failure:
-            self._fatal = f"the broker refused the connection ({reason_code})"
-            logger.warning("dynsec admin: %s", self._fatal)
-            return
+    def _refused(self, reason_code: ReasonCode) -> None:
+        self._fatal = f"the broker refused the connection ({reason_code})"
+
+    def _subscribe(self, client: mqtt.Client, _flags: mqtt.ConnectFlags) -> None:
         self._fatal = None
         client.subscribe(RESPONSE_TOPIC, qos=1)
 
@@ -373,12 +338,12 @@ class DynsecAdmin:
         waiter = _Pending()
         with self._lock:
             if not self._started:
-                raise BrokerError("DynsecAdmin is not connected; call connect() first")
+                raise BrokerUnavailable("DynsecAdmin is not connected; call connect() first")
             self._pending[correlation] = waiter
         deadline = time.monotonic() + self._timeout
         try:
             if not self._ready.wait(self._timeout):
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"dynamic-security {command}: not connected to the broker at "
                     f"{self._endpoint.url} for {self._timeout:.1f}s"
                     + (f" ({self._fatal})" if self._fatal else "; is it running?")
@@ -388,11 +353,11 @@ class DynsecAdmin:
             )
             info = self._client.publish(CONTROL_TOPIC, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"dynamic-security {command}: publishing failed ({mqtt.error_string(info.rc)})"
                 )
             if not waiter.done.wait(max(0.0, deadline - time.monotonic())):
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"dynamic-security {command}: no answer from the broker at "
                     f"{self._endpoint.url} within {self._timeout:.1f}s; the command may or may "
                     f"not have been applied"
@@ -401,7 +366,7 @@ class DynsecAdmin:
             with self._lock:
                 self._pending.pop(correlation, None)
         if waiter.error is not None:
-            raise BrokerError(f"dynamic-security {command}: {waiter.error}")
+            raise BrokerUnavailable(f"dynamic-security {command}: {waiter.error}")
         assert waiter.response is not None
         return waiter.response
 
@@ -409,7 +374,7 @@ class DynsecAdmin:
         response = self._command(command, **arguments)
         error = response.get("error")
         if error and error not in allowed_errors:
-            raise BrokerError(f"dynamic-security {command} was refused: {error}")
+            raise BrokerRefused(f"dynamic-security {command} was refused: {error}")
         return response.get("data")
 
     def add_device(self, device_id: str, password: str) -> None:
@@ -447,7 +412,7 @@ class DynsecAdmin:
         if error == "Client already exists":
             raise DeviceExistsError(f"device {device_id!r} already has a broker credential")
         if error:
-            raise BrokerError(f"dynamic-security createClient for {device_id!r} failed: {error}")
+            raise BrokerRefused(f"dynamic-security createClient for {device_id!r} failed: {error}")
         logger.info("broker credential created for device %s", device_id)
 
     def remove_device(self, device_id: str, clear_retained_status: bool = True) -> None:
@@ -463,9 +428,9 @@ class DynsecAdmin:
             "deleteRole", allowed_errors=("Role not found",), rolename=device_role(device_id)
         )
         if clear_retained_status:
-            info = self._client.publish(f"{self._prefix}/{device_id}/status", b"", 1, True)
+            info = self._client.publish(Topics(self._prefix).status(device_id), b"", 1, True)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise BrokerError(
+                raise BrokerUnavailable(
                     f"could not clear the retained status of {device_id!r}: "
                     f"{mqtt.error_string(info.rc)}"
                 )
@@ -478,6 +443,6 @@ class DynsecAdmin:
         for client in (data or {}).get("clients", []):
             username = client.get("username", "")
             roles = {role.get("rolename") for role in client.get("roles", [])}
-            if DEVICE_ID_RE.fullmatch(username) and DEVICE_ROLE_PREFIX + username in roles:
+            if is_device_id(username) and DEVICE_ROLE_PREFIX + username in roles:
                 devices.append(username)
         return sorted(devices)

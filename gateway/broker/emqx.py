@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from gateway.broker.permissions import device_may, device_topics
-from gateway.models import Device, DeviceState
+from gateway.registry.models import Device, DeviceState
 from provisioning.secrets import hash_secret, same_secret
 
 log = logging.getLogger(__name__)

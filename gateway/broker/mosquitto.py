@@ -25,18 +25,20 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 from gateway.broker import dynsec
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import (
     CertificateAuthority,
     ensure_ca,
     ensure_server_certificate,
-    write_private_file,
 )
+from gateway.errors import PortInUseError
 from provisioning.device_input import MAX_MQTT_PACKET_BYTES
+from provisioning.files import write_private
+from provisioning.mqtt import MqttEndpoint
+from provisioning.process import PidFile, terminate
+from provisioning.wire import validate_topic_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +72,6 @@ _LOG_TAIL_LINES = 40
 _EXPECTED_WARNING = "should not be run as root/administrator."
 
 
-class PortInUseError(RuntimeError):
-    """The broker's port is taken; the message names the port and the flag to change it."""
-
-    def __init__(self, port: int, bind: str, flag: str = "--mqtt-port") -> None:
-        super().__init__(
-            f"port {port} is already in use (on {bind or '0.0.0.0'}); "
-            f"choose another with {flag}, or stop what is listening there"
-        )
-        self.port = port
-
-
 def broker_directory(data_dir: Path) -> Path:
     """Where the broker's config, dynsec file, gateway password and persistence live."""
     return data_dir / "mosquitto"
@@ -108,7 +99,7 @@ def ensure_gateway_password(data_dir: Path) -> str:
         logger.warning("%s was empty; generating a new gateway broker password", path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     password = dynsec.generate_password()
-    write_private_file(path, password.encode() + b"\n")
+    write_private(path, password + "\n")
     return password
 
 
@@ -147,16 +138,6 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (exited, waiting for its parent to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[-1].split()
-    return bool(fields) and fields[0] != "Z"
-
-
 class MosquittoSupervisor:
     """Runs one Mosquitto for the gateway and restarts it when it exits unexpectedly.
 
@@ -181,12 +162,14 @@ class MosquittoSupervisor:
         self._hostnames = list(hostnames)
         if bind not in _WILDCARD_BINDS:
             self._hostnames.append(bind)
-        self._prefix = dynsec.validate_topic_prefix(topic_prefix)
+        self._prefix = validate_topic_prefix(topic_prefix)
         self._binary = mosquitto_binary
         self._dir = broker_directory(self._data_dir)
         self._config_path = self._dir / "mosquitto.conf"
         self._dynsec_path = self._dir / "dynamic-security.json"
-        self._pid_path = self._dir / "mosquitto.pid"
+        self._pid_file = PidFile(
+            self._dir / "mosquitto.pid", lambda cmd: str(self._config_path) in cmd
+        )
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._proc: subprocess.Popen[str] | None = None
@@ -290,18 +273,13 @@ class MosquittoSupervisor:
         for reader in self._readers:
             reader.join(timeout)
         self._readers.clear()
-        self._pid_path.unlink(missing_ok=True)
+        self._pid_file.remove()
 
     def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.stop()
 
     # files
@@ -362,23 +340,11 @@ class MosquittoSupervisor:
 
         It is only ours if its command line names our config file; anything else is left alone.
         """
-        try:
-            pid = int(self._pid_path.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            self._pid_path.unlink(missing_ok=True)
-            return
-        if str(self._config_path).encode() not in cmdline:
-            self._pid_path.unlink(missing_ok=True)
-            return
-        logger.warning("stopping mosquitto (pid %d) left running by an earlier gateway", pid)
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while _running(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _running(pid):
-            os.kill(pid, signal.SIGKILL)
-        self._pid_path.unlink(missing_ok=True)
+        pid = self._pid_file.owner()
+        if pid is not None:
+            logger.warning("stopping mosquitto (pid %d) left running by an earlier gateway", pid)
+            terminate(pid, 10.0, name="mosquitto")
+        self._pid_file.remove()
 
     def _check_port_free(self) -> None:
         host = self._bind or "0.0.0.0"
@@ -392,8 +358,8 @@ class MosquittoSupervisor:
                 if exc.errno == errno.EADDRINUSE:
                     raise PortInUseError(self._port, self._bind) from exc
                 raise RuntimeError(
-                    f"cannot listen on {host}:{self._port}: {exc.strerror}; check the bind "
-                    f"address (--mqtt-bind) and port (--mqtt-port)"
+                    f"cannot listen on {host}:{self._port}: {exc.strerror}; choose another "
+                    "port with --mqtt-port"
                 ) from exc
 
     def _spawn(self, binary: str) -> subprocess.Popen[str]:
@@ -412,7 +378,7 @@ class MosquittoSupervisor:
             preexec_fn=_die_with_parent,
         )
         self._proc = proc
-        self._pid_path.write_text(f"{proc.pid}\n")
+        self._pid_file.write(proc.pid)
         assert proc.stdout is not None
         reader = threading.Thread(
             target=self._read_log, args=(proc.stdout,), name="mosquitto-log", daemon=True
@@ -435,15 +401,10 @@ class MosquittoSupervisor:
                     logger.debug("mosquitto: %s", line)
 
     def _terminate(self, proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+        """SIGTERM so it saves its store, SIGKILL if it hangs; reap it either way."""
         if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "mosquitto (pid %d) ignored SIGTERM for %.0fs; killing", proc.pid, timeout
-            )
-            proc.kill()
+            terminate(proc.pid, timeout, name="mosquitto", child=proc)
+        else:
             proc.wait()
 
     def _await_ready(self, proc: subprocess.Popen[str], timeout: float) -> None:

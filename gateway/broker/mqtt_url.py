@@ -1,54 +1,17 @@
-"""Where and how to reach an MQTT broker, from one URL such as ``mqtts://user:pass@host:8883``.
+"""The external broker's URL (``--mqtt-url mqtts://user:pass@host:8883``) as an `MqttEndpoint`.
 
-One value object for all of the gateway's MQTT clients (ingest, commands, dynsec admin) so that
-they agree on TLS and credentials, and one place that turns it into paho client settings.
+Every MQTT client of the gateway (ingest, commands, replies, status, dynsec admin) connects
+through that one endpoint (`provisioning.mqtt`), so they agree on TLS and credentials.
 """
 
 from __future__ import annotations
 
-import ssl
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import paho.mqtt.client as mqtt
+from provisioning.mqtt import MqttEndpoint
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-
-
-@dataclass(frozen=True)
-class MqttEndpoint:
-    """A broker address with the credential and trust anchor to use for it."""
-
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-
-    @property
-    def url(self) -> str:
-        """The URL without the password, safe for logs."""
-        scheme = "mqtts" if self.tls else "mqtt"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{host}:{self.port}"
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A client TLS context that verifies the broker (against `ca_file` if given)."""
-        context = ssl.create_default_context(
-            cafile=str(self.ca_file) if self.ca_file is not None else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
-
-    def configure(self, client: mqtt.Client) -> None:
-        """Apply credentials and TLS to a paho client before it connects."""
-        if self.username is not None:
-            client.username_pw_set(self.username, self.password)
-        if self.tls:
-            client.tls_set_context(self.ssl_context())
 
 
 def parse_mqtt_url(url: str, ca_file: Path | None = None) -> MqttEndpoint:

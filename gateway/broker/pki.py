@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from provisioning.files import write_private
+
 logger = logging.getLogger(__name__)
 
 CA_CERT_NAME = "ca.crt"
@@ -67,25 +69,6 @@ class CertificateAuthority:
                 f"{self.key_path} is not an EC private key; move it away to make a new CA"
             )
         return key
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically with mode 0600 from the first byte.
-
-    The file is created 0600 (not chmod-ed afterwards), so a secret is never readable by others,
-    and renamed into place so a crash leaves either the old file or the new one.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_public_file(path: Path, data: bytes) -> None:
@@ -171,7 +154,7 @@ def ensure_ca(directory: Path, common_name: str = "edgefleet gateway CA") -> Cer
             )
             .sign(key, hashes.SHA256())
         )
-        write_private_file(ca.key_path, _pem_key(key))
+        write_private(ca.key_path, _pem_key(key))
         _write_public_file(ca.cert_path, cert.public_bytes(serialization.Encoding.PEM))
         logger.info("created gateway CA %r in %s", common_name, directory)
         return ca
@@ -305,7 +288,7 @@ def ensure_server_certificate(
             )
             .sign(ca_key, hashes.SHA256())
         )
-        write_private_file(key_path, _pem_key(key))
+        write_private(key_path, _pem_key(key))
         _write_public_file(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         logger.info("issued broker certificate for %s (%s)", ", ".join(names), reason)
         return cert_path, key_path

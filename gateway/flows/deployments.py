@@ -19,23 +19,20 @@ from typing import Final
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.db import utcnow
-from gateway.errors import Conflict, Forbidden, GatewayError, Invalid, NotFound
+from gateway.errors import Conflict, Forbidden, Gone, Invalid, NotFound
 from gateway.flows.models import Deployment, DeploymentDevice, FlowModule, FlowRelease
 from gateway.flows.module_cache import get_module
 from gateway.flows.releases import resolve_digest
 from gateway.flows.targets import Share, Target, parse_percent, plan_waves, select_devices
-from gateway.models import Device
 from gateway.pagination import Page, PageRequest, SortKey, paginate
+from gateway.registry import audit
+from gateway.registry.models import Device
 from provisioning.jwt_rules import MAX_COMMAND_LIFETIME
+from provisioning.states import DeploymentState, DeviceDeployState
 
 __all__ = [
-    "FAILURE_STATES",
-    "FINAL_STATES",
-    "IN_FLIGHT_STATES",
     "DeploymentPlan",
-    "Gone",
     "bundle_for_device",
     "cancel_deployment",
     "create_deployment",
@@ -45,33 +42,8 @@ __all__ = [
     "state_counts",
 ]
 
-PENDING: Final = "pending"
-SENT: Final = "sent"
-IN_FLIGHT_STATES: Final = frozenset({"sent", "downloading", "installing", "applying"})
-FAILURE_STATES: Final = frozenset({"failed", "rolled_back", "drift"})
-FINAL_STATES: Final = frozenset({"succeeded", "cancelled"} | FAILURE_STATES)
-DEVICE_STATES: Final = (
-    "pending",
-    "sent",
-    "downloading",
-    "installing",
-    "applying",
-    "succeeded",
-    "failed",
-    "rolled_back",
-    "drift",
-    "cancelled",
-)
-RUNNING: Final = "running"
-DEPLOYMENT_STATES: Final = ("running", "succeeded", "partial", "aborted", "cancelled")
 DEFAULT_MIN_FINISHED: Final = 5
 _ID_ALPHABET: Final = "abcdefghijkmnpqrstuvwxyz23456789"
-
-
-class Gone(GatewayError):
-    """The thing exists but may no longer be used (a cancelled or timed-out deployment)."""
-
-    status = 410
 
 
 @dataclass(frozen=True)
@@ -122,7 +94,7 @@ def create_deployment(session: Session, plan: DeploymentPlan, actor: str) -> Dep
         max_failures_pct=max_failures,
         min_finished=max(1, min(min_finished, total)),
         timeout_seconds=plan.timeout_seconds,
-        state=RUNNING,
+        state=DeploymentState.running,
         created_at=now,
         created_by=actor[:80],
         updated_at=now,
@@ -139,7 +111,7 @@ def create_deployment(session: Session, plan: DeploymentPlan, actor: str) -> Dep
                     "device_id": device.id,
                     "wave": wave_index,
                     "position": position,
-                    "state": PENDING,
+                    "state": DeviceDeployState.pending,
                     "updated_at": now,
                 }
             )
@@ -208,13 +180,13 @@ def cancel_deployment(session: Session, deployment_id: str, actor: str) -> Deplo
     ).first()
     if deployment is None:
         raise NotFound("unknown_deployment", f"no deployment {deployment_id!r}")
-    if deployment.state != RUNNING:
+    if deployment.state != DeploymentState.running:
         raise Conflict(
             "deployment_finished",
             f"deployment {deployment_id} is already {deployment.state}; nothing to cancel",
         )
     now = utcnow()
-    deployment.state = "cancelled"
+    deployment.state = DeploymentState.cancelled
     deployment.reason = f"cancelled by {actor}"
     deployment.finished_at = now
     deployment.updated_at = now
@@ -222,9 +194,12 @@ def cancel_deployment(session: Session, deployment_id: str, actor: str) -> Deplo
     table = DeploymentDevice.__table__  # type: ignore[attr-defined]
     result = session.execute(
         sa.update(table)
-        .where(table.c.deployment_id == deployment_id, table.c.state.in_([PENDING, SENT]))
+        .where(
+            table.c.deployment_id == deployment_id,
+            table.c.state.in_([DeviceDeployState.pending, DeviceDeployState.sent]),
+        )
         .values(
-            state="cancelled",
+            state=DeviceDeployState.cancelled,
             error=f"the deployment was cancelled by {actor} before this device started",
             finished_at=now,
             updated_at=now,
@@ -280,7 +255,7 @@ def bundle_for_device(
         )
     found_id, deployment_state, device_state, deadline, bundle = found
     if deployment_id is not None:
-        if "cancelled" in (deployment_state, device_state):
+        if DeploymentState.cancelled in (deployment_state, device_state):
             raise Gone(
                 "deployment_cancelled", f"deployment {found_id} was cancelled; do not apply it"
             )
@@ -301,7 +276,10 @@ def module_for_device(session: Session, device: Device, sha256: str) -> FlowModu
         select(FlowRelease.modules)
         .join(Deployment, col(Deployment.release_digest) == col(FlowRelease.digest))
         .join(DeploymentDevice, col(DeploymentDevice.deployment_id) == col(Deployment.id))
-        .where(DeploymentDevice.device_id == device.id, DeploymentDevice.state != "cancelled")
+        .where(
+            DeploymentDevice.device_id == device.id,
+            DeploymentDevice.state != DeviceDeployState.cancelled,
+        )
     )
     if not any(ref in modules for modules in session.exec(query)):
         raise Forbidden(

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import JSON, Column, Field, SQLModel
 
-from gateway.models import UTCDateTime
+from gateway.db import UTCDateTime
 
 
 def _ts(nullable: bool = False) -> Any:

@@ -30,11 +30,11 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.flows.models import FlowModule
 from gateway.pagination import Page, PageRequest, SortKey, finish, keyset
+from gateway.registry import audit
 from provisioning.bundles import InvalidBundle, ModuleRef
 
 __all__ = ["ModuleSummary", "add_module", "get_module", "list_modules", "modules_by_ref"]

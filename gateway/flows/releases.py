@@ -17,12 +17,12 @@ from typing import Final
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit
 from gateway.db import utcnow
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.flows.models import FlowRelease
 from gateway.flows.module_cache import modules_by_ref, modules_providing, parse_module_ref
 from gateway.pagination import Page, PageRequest, SortKey, finish, keyset
+from gateway.registry import audit
 from provisioning.bundles import Bundle, InvalidBundle, ModuleRef, non_core_node_types
 
 __all__ = [

@@ -14,60 +14,53 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from gateway.commands import ReplyHook
+from gateway.commands.models import CommandRecord
+from gateway.commands.replies import ReplyHook
 from gateway.db import utcnow
-from gateway.flows.deployments import FINAL_STATES
 from gateway.flows.models import DeploymentDevice
-from gateway.models import CommandRecord
+from provisioning.states import DEPLOY_FINAL, DEPLOY_PROGRESS, CommandState, DeviceDeployState
 from provisioning.wire import Reply
 
 __all__ = ["device_state_of", "make_reply_hook"]
 
 log = logging.getLogger(__name__)
 
-_PROGRESS: Final = {
-    "downloading": "downloading",
-    "installing": "installing",
-    "applying": "applying",
-    "verifying": "applying",
+_FINAL: Final[dict[str, DeviceDeployState]] = {
+    **{state: state for state in DEPLOY_FINAL},
+    CommandState.refused: DeviceDeployState.failed,
+    CommandState.expired: DeviceDeployState.failed,
 }
-_FINAL: Final = {
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "rolled_back": "rolled_back",
-    "drift": "drift",
-    "cancelled": "cancelled",
-    "refused": "failed",
-    "expired": "failed",
-}
+"""A final reply state -> the device's final state (the agent's own are the same words)."""
 
 
-def device_state_of(reply_state: str) -> tuple[str, bool] | None:
-    """(device state, is final) for an agent's reply state; None for states that say nothing."""
-    if reply_state in _PROGRESS:
-        return _PROGRESS[reply_state], False
+def device_state_of(reply_state: str) -> tuple[DeviceDeployState, bool] | None:
+    """(device state, is final) for an agent's reply state; None for states that say nothing.
+
+    Progress is one of `DEPLOY_PROGRESS` (the contract in `provisioning.deploy_command`)."""
+    if reply_state in DEPLOY_PROGRESS:
+        return DeviceDeployState(reply_state), False
     if reply_state in _FINAL:
         return _FINAL[reply_state], True
     return None
 
 
-def _error_of(reply: Reply, state: str) -> str | None:
-    if state == "succeeded":
+def _error_of(reply: Reply, state: DeviceDeployState) -> str | None:
+    if state == DeviceDeployState.succeeded:
         return None
     detail = reply.detail or f"the agent reported {reply.state} without a reason"
-    if reply.state == "refused":
+    if reply.state == CommandState.refused:
         return f"the agent refused the command: {detail}"
     return detail
 
 
 def make_reply_hook() -> ReplyHook:
-    """The `deploy` reply hook (register it with `runtime.hooks.register(DEPLOY_KIND, ...)`).
+    """The `deploy` reply hook (registered by `gateway.flows.wiring`).
 
     Each reply is one conditional UPDATE (no read first): this runs for every progress message
     of every device, in the reply listener's single writer thread.
     """
     table: sa.Table = DeploymentDevice.__table__  # type: ignore[attr-defined]
-    final_states = sorted(FINAL_STATES)
+    final_states = sorted(DEPLOY_FINAL)
 
     def on_deploy_reply(session: Session, record: CommandRecord, reply: Reply) -> None:
         mapped = device_state_of(reply.state)

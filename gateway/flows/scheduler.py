@@ -36,16 +36,24 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands
-from gateway.commands import CommandPublisher
+from gateway.commands.models import CommandRecord
+from gateway.commands.publisher import CommandPublisher
+from gateway.commands.sender import Issued, issue_many
 from gateway.db import retry_deadlocks, utcnow
 from gateway.errors import Unavailable
-from gateway.flows.deployments import FAILURE_STATES, FINAL_STATES, IN_FLIGHT_STATES, RUNNING
 from gateway.flows.models import Deployment, DeploymentDevice, FlowRelease
 from gateway.flows.module_cache import modules_by_ref
 from gateway.identity import GatewayIdentity
-from gateway.models import CommandRecord
-from provisioning.deploy_command import DEPLOY_KIND, DeployArgs
+from gateway.registry import audit
+from provisioning.deploy_command import DeployArgs
+from provisioning.states import (
+    DEPLOY_FAILURES,
+    DEPLOY_FINAL,
+    DEPLOY_IN_FLIGHT,
+    CommandKind,
+    DeploymentState,
+    DeviceDeployState,
+)
 
 __all__ = ["RolloutScheduler", "TickReport"]
 
@@ -71,6 +79,10 @@ class TickReport:
             f"TickReport(sent={len(self.sent)}, "
             f"timed_out={len(self.timed_out)}, finished={self.finished})"
         )
+
+
+#: What undoing a device's claim resets (its command was never published).
+_UNCLAIMED: Final = {"state": DeviceDeployState.pending, "sent_at": None, "deadline_at": None}
 
 
 def _table(model: Any) -> sa.Table:
@@ -107,7 +119,7 @@ class RolloutScheduler:
                 running = list(
                     session.exec(
                         select(Deployment.id)
-                        .where(Deployment.state == RUNNING)
+                        .where(Deployment.state == DeploymentState.running)
                         .order_by(col(Deployment.created_at))
                     )
                 )
@@ -122,7 +134,7 @@ class RolloutScheduler:
         table = _table(DeploymentDevice)
         rows = session.execute(
             sa.select(table.c.deployment_id, table.c.device_id).where(
-                table.c.state == "sent",
+                table.c.state == DeviceDeployState.sent,
                 table.c.command_id.is_(None),
                 table.c.sent_at < now - UNSENT_GRACE,
             )
@@ -136,7 +148,7 @@ class RolloutScheduler:
             where = (
                 table.c.deployment_id == deployment_id,
                 table.c.device_id == device_id,
-                table.c.state == "sent",
+                table.c.state == DeviceDeployState.sent,
                 table.c.command_id.is_(None),
             )
             if record is not None:
@@ -145,11 +157,7 @@ class RolloutScheduler:
                 log.warning(
                     "undoing a claim on %s/%s that was never sent", deployment_id, device_id
                 )
-                session.execute(
-                    sa.update(table)
-                    .where(*where)
-                    .values(state="pending", sent_at=None, deadline_at=None, updated_at=now)
-                )
+                session.execute(sa.update(table).where(*where).values(**_UNCLAIMED, updated_at=now))
         session.commit()
 
     def _expire(self, session: Session, now: datetime, report: TickReport) -> None:
@@ -161,7 +169,7 @@ class RolloutScheduler:
                 table.c.state,
                 table.c.sent_at,
                 table.c.deadline_at,
-            ).where(table.c.state.in_(sorted(IN_FLIGHT_STATES)), table.c.deadline_at < now)
+            ).where(table.c.state.in_(sorted(DEPLOY_IN_FLIGHT)), table.c.deadline_at < now)
         ).all()
         for deployment_id, device_id, state, sent_at, deadline_at in late:
             waited = int((deadline_at - sent_at).total_seconds()) if sent_at else 0
@@ -173,7 +181,7 @@ class RolloutScheduler:
                     table.c.state == state,  # a result that arrived meanwhile wins
                 )
                 .values(
-                    state="failed",
+                    state=DeviceDeployState.failed,
                     error=f"timed out: no result {waited}s after the command was sent "
                     f"(last state: {state})",
                     finished_at=now,
@@ -188,7 +196,7 @@ class RolloutScheduler:
         self, session: Session, deployment_id: str, now: datetime, report: TickReport
     ) -> None:
         deployment = session.get(Deployment, deployment_id, populate_existing=True)
-        if deployment is None or deployment.state != RUNNING:
+        if deployment is None or deployment.state != DeploymentState.running:
             return
         table = _table(DeploymentDevice)
         per_wave: dict[int, dict[str, int]] = {}
@@ -202,17 +210,17 @@ class RolloutScheduler:
         for states in per_wave.values():
             for state, count in states.items():
                 totals[state] = totals.get(state, 0) + count
-        finished = sum(n for s, n in totals.items() if s in FINAL_STATES)
-        failures = sum(n for s, n in totals.items() if s in FAILURE_STATES)
+        finished = sum(n for s, n in totals.items() if s in DEPLOY_FINAL)
+        failures = sum(n for s, n in totals.items() if s in DEPLOY_FAILURES)
 
         if finished >= deployment.min_finished and failures * 100 > (
             deployment.max_failures_pct * finished
         ):
-            never_sent = totals.get("pending", 0)
+            never_sent = totals.get(DeviceDeployState.pending, 0)
             self._finish(
                 session,
                 deployment,
-                "aborted",
+                DeploymentState.aborted,
                 f"{failures} of {finished} finished devices did not succeed "
                 f"({failures * 100 / finished:.0f}%), more than the "
                 f"{deployment.max_failures_pct:g}% allowed; {never_sent} device(s) of later "
@@ -222,25 +230,27 @@ class RolloutScheduler:
             )
             return
 
-        pending_waves = sorted(w for w, states in per_wave.items() if states.get("pending"))
+        pending_waves = sorted(
+            w for w, states in per_wave.items() if states.get(DeviceDeployState.pending)
+        )
         if pending_waves:
             wave = pending_waves[0]
             earlier_done = all(
-                all(s in FINAL_STATES for s in states) for w, states in per_wave.items() if w < wave
+                all(s in DEPLOY_FINAL for s in states) for w, states in per_wave.items() if w < wave
             )
             if earlier_done:
                 self._send_wave(session, deployment, wave, now, report)
             return
 
         if finished == deployment.device_count:
-            if failures == 0 and totals.get("succeeded", 0) == finished:
-                self._finish(session, deployment, "succeeded", None, now, report)
+            if failures == 0 and totals.get(DeviceDeployState.succeeded, 0) == finished:
+                self._finish(session, deployment, DeploymentState.succeeded, None, now, report)
             else:
-                not_ok = finished - totals.get("succeeded", 0)
+                not_ok = finished - totals.get(DeviceDeployState.succeeded, 0)
                 self._finish(
                     session,
                     deployment,
-                    "partial",
+                    DeploymentState.partial,
                     f"{not_ok} of {finished} devices did not succeed (under the "
                     f"{deployment.max_failures_pct:g}% abort threshold)",
                     now,
@@ -251,7 +261,7 @@ class RolloutScheduler:
         self,
         session: Session,
         deployment: Deployment,
-        state: str,
+        state: DeploymentState,
         reason: str | None,
         now: datetime,
         report: TickReport,
@@ -259,7 +269,9 @@ class RolloutScheduler:
         table = _table(Deployment)
         result = session.execute(
             sa.update(table)
-            .where(table.c.id == deployment.id, table.c.state == RUNNING)  # a cancel wins
+            .where(
+                table.c.id == deployment.id, table.c.state == DeploymentState.running
+            )  # a cancel wins
             .values(state=state, reason=reason, finished_at=now, updated_at=now)
         )
         finished = bool(result.rowcount)  # type: ignore[attr-defined]
@@ -278,7 +290,7 @@ class RolloutScheduler:
             report.finished[deployment.id] = state
             log.info("deployment %s %s%s", deployment.id, state, f": {reason}" if reason else "")
 
-    def _args(self, session: Session, deployment: Deployment) -> dict[str, Any]:
+    def _args(self, session: Session, deployment: Deployment) -> DeployArgs:
         release = session.get(FlowRelease, deployment.release_digest)
         assert release is not None
         cached = modules_by_ref(session, release.modules)
@@ -288,7 +300,7 @@ class RolloutScheduler:
             force=deployment.force,
             modules={ref: module.sha256 for ref, module in cached.items()},
         )
-        return args.model_dump()
+        return args
 
     def _send_wave(
         self,
@@ -306,7 +318,7 @@ class RolloutScheduler:
         table = _table(DeploymentDevice)
         deployments = _table(Deployment)
         still_running = sa.exists().where(
-            deployments.c.id == deployment.id, deployments.c.state == RUNNING
+            deployments.c.id == deployment.id, deployments.c.state == DeploymentState.running
         )
         deadline = now + timedelta(seconds=deployment.timeout_seconds)
         claimed = session.execute(
@@ -314,10 +326,10 @@ class RolloutScheduler:
             .where(
                 table.c.deployment_id == deployment.id,
                 table.c.wave == wave,
-                table.c.state == "pending",
+                table.c.state == DeviceDeployState.pending,
                 still_running,
             )
-            .values(state="sent", sent_at=now, deadline_at=deadline, updated_at=now)
+            .values(state=DeviceDeployState.sent, sent_at=now, deadline_at=deadline, updated_at=now)
             .returning(table.c.device_id, table.c.position)
         ).all()
         session.commit()
@@ -335,12 +347,12 @@ class RolloutScheduler:
         for start in range(0, len(order), _SEND_CHUNK):
             chunk = order[start : start + _SEND_CHUNK]
             try:
-                issued = commands.issue_many(
+                issued = issue_many(
                     session,
                     identity=self._identity,
                     publisher=publisher,
                     device_ids=chunk,
-                    kind=DEPLOY_KIND,
+                    kind=CommandKind.deploy,
                     args=args,
                     lifetime=deployment.timeout_seconds,
                     actor=deployment.created_by,
@@ -354,9 +366,7 @@ class RolloutScheduler:
             report.sent.extend(chunk)
 
     @staticmethod
-    def _record_command_ids(
-        session: Session, deployment_id: str, issued: list[commands.Issued]
-    ) -> None:
+    def _record_command_ids(session: Session, deployment_id: str, issued: list[Issued]) -> None:
         """Note which command each device got, in one transaction for many devices (a reply
         that arrives first sets it too, so nothing waits for this). A command the broker did
         not confirm keeps its device's claim, with a note: its result or its timeout decides."""
@@ -408,9 +418,9 @@ class RolloutScheduler:
             .where(
                 table.c.deployment_id == deployment_id,
                 table.c.device_id.in_(unsent),
-                table.c.state == "sent",
+                table.c.state == DeviceDeployState.sent,
             )
-            .values(state="pending", sent_at=None, deadline_at=None, updated_at=now)
+            .values(**_UNCLAIMED, updated_at=now)
         )
         session.commit()
         log.warning(

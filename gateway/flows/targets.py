@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from sqlmodel import Session, col, select
 
 from gateway.errors import Invalid
-from gateway.models import Device, DeviceState
+from gateway.registry.models import Device, DeviceState
 from provisioning.wire import DEVICE_ID_PATTERN, Tags
 
 __all__ = ["Share", "Target", "plan_waves", "select_devices"]

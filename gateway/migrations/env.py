@@ -6,8 +6,9 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import gateway.accounts.models  # customers, users, sessions, consent
+import gateway.commands.models
 import gateway.flows.models  # flow releases, module cache, deployments
-import gateway.models  # registers the tables on SQLModel.metadata
+import gateway.registry.models  # registers the tables on SQLModel.metadata
 import gateway.telemetry.models  # noqa: F401  (the telemetry tables)
 from gateway.tunnels import models as tunnel_models  # noqa: F401  (support tunnels)
 

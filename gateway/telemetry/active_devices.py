@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.models import Device, DeviceState
+from gateway.registry.models import Device, DeviceState
 
 _devices = Device.__table__  # type: ignore[attr-defined]
 

@@ -8,8 +8,9 @@ batch is committed, so a replica killed at any moment loses nothing; the broker 
 unacknowledged messages again and the ``(device, seq)`` key drops what was already stored.
 
 Threads. paho's network thread only puts messages on a queue (``on_message`` never waits). The
-writer thread takes everything queued (up to ``max_messages``; while a write runs, the next
-group gathers by itself, so a busy stream is written in large groups and a quiet one at once),
+writer thread (`provisioning.mqtt.QueueWorker`) takes everything queued (up to ``max_messages``;
+while a write runs, the next group gathers by itself, so a busy stream is written in large
+groups and a quiet one at once),
 validates each message (`provisioning.telemetry.parse_batch`; the device is the one in the
 topic, which the broker's ACL allowed the publisher, never the payload), checks the device is
 active (`ActiveDevices`), writes the valid batches in one transaction (`TelemetryStore`),
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import socket
 import threading
 import time
@@ -51,18 +51,22 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.telemetry.active_devices import ActiveDevices
-from gateway.telemetry.metrics import UNKNOWN_DEVICE, TelemetryMetrics
+from gateway.telemetry.metrics import SERIES_LIMIT, UNKNOWN_DEVICE, TelemetryMetrics
 from gateway.telemetry.refusals import RefusalLog
-from gateway.telemetry.store import IncomingBatch, TelemetryStore, WriteResult
+from gateway.telemetry.store import (
+    DEFAULT_MAX_SERIES_PER_DEVICE,
+    IncomingBatch,
+    TelemetryStore,
+    WriteResult,
+)
+from provisioning.mqtt import MqttEndpoint, QueueWorker, make_client, start_client, stop_client
 from provisioning.telemetry import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FUTURE_SKEW,
@@ -116,6 +120,7 @@ class IngestOptions:
     max_future_skew: float = DEFAULT_MAX_FUTURE_SKEW
     device_refresh: float = 5.0
     keepalive: int = 30
+    max_series_per_device: int = DEFAULT_MAX_SERIES_PER_DEVICE
 
 
 class _Received(NamedTuple):  # a tuple: made for every message on paho's thread
@@ -144,13 +149,21 @@ class TelemetryIngest:
         self.metrics = metrics
         self._endpoint = endpoint
         self._topics = topics
-        self._store = TelemetryStore(engine)
+        self._store = TelemetryStore(engine, max_series_per_device=options.max_series_per_device)
         self._devices = ActiveDevices(engine, options.device_refresh)
         self._refusals = RefusalLog(log)
         self._device_of: dict[str, str | None] = {}  # topic -> device id (None: not a device's)
         self._on_committed = on_committed
-        self._queue: queue.SimpleQueue[_Received] = queue.SimpleQueue()
-        self._stopping = threading.Event()
+        # paho's thread puts each message here; the writer thread stores them in groups.
+        self._writer: QueueWorker[_Received] = QueueWorker(
+            "telemetry-writer",
+            self._handle_group,
+            max_group=options.max_messages,
+            idle_poll=_IDLE_POLL,
+            daemon=False,
+        )
+        self._put = self._writer.put
+        self._stopping = self._writer.stopping
         self._connected = threading.Event()
         # The generation is bumped by the network thread; acks read it under this lock, so no
         # ack of an old connection's packet id is queued once on_disconnect has returned.
@@ -164,22 +177,18 @@ class TelemetryIngest:
         self._last_write = 0.0
         self._received = 0  # network thread only
         self._settled = 0  # writer thread only: acknowledged, or left to the broker to resend
-        self._writer = threading.Thread(target=self._write_loop, name="telemetry-writer")
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=options.client_id,
-            protocol=mqtt.MQTTv5,
+        self.client = make_client(
+            endpoint,
+            options.client_id,
+            name="telemetry ingest",
+            on_connected=self._subscribe,
             manual_ack=True,
         )
-        endpoint.configure(self.client)
-        self.client.suppress_exceptions = True
-        self.client.reconnect_delay_set(1, 10)
-        self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_unsubscribe = self._on_unsubscribe
-        metrics.watch(self.outstanding, self._queue.qsize)
+        metrics.watch(self.outstanding, self._writer.qsize)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -187,17 +196,14 @@ class TelemetryIngest:
         """Start writing and connect; returns once the broker confirmed the subscription (or
         after ``timeout``: then it keeps trying in the background)."""
         self._writer.start()
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.options.session_expiry
-        props.ReceiveMaximum = self.options.receive_maximum
-        self.client.connect_async(
-            self._endpoint.host,
-            self._endpoint.port,
+        start_client(
+            self.client,
+            self._endpoint,
             keepalive=self.options.keepalive,
             clean_start=False,
-            properties=props,
+            session_expiry=self.options.session_expiry,
+            receive_maximum=self.options.receive_maximum,
         )
-        self.client.loop_start()
         if not self._connected.wait(timeout):
             log.warning(
                 "telemetry ingest not connected to %s yet; it keeps trying", self._endpoint.url
@@ -216,16 +222,12 @@ class TelemetryIngest:
         """
         if leave and self.connected:
             self._leave(timeout)
-        self._stopping.set()
-        if self._writer.is_alive():
-            self._writer.join()
+        self._writer.stop(drain=False)  # what is still queued is not acknowledged: it comes back
+        props = None
         if self._session_ended:
             props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
-            self.client.disconnect(properties=props)
-        else:
-            self.client.disconnect()
-        self.client.loop_stop()
+        stop_client(self.client, props)
         self.metrics.connected.set(0)
 
     def _leave(self, timeout: float) -> None:
@@ -264,12 +266,7 @@ class TelemetryIngest:
 
     # -- paho's network thread: hand over, never wait ----------------------------------------
 
-    def _on_connect(
-        self, client: mqtt.Client, _u: Any, flags: Any, reason_code: ReasonCode, _p: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("telemetry ingest: the broker refused the connection: %s", reason_code)
-            return
+    def _subscribe(self, client: mqtt.Client, flags: mqtt.ConnectFlags) -> None:
         topic = self._topics.shared("telemetry", self.options.group)
         client.subscribe(topic, qos=1)
         log.info(
@@ -309,36 +306,17 @@ class TelemetryIngest:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self._received += 1
-        self._queue.put(_Received(self._generation, msg.mid, msg.topic, msg.payload, msg.qos))
+        self._put(_Received(self._generation, msg.mid, msg.topic, msg.payload, msg.qos))
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _take(self) -> list[_Received]:
+    def _handle_group(self, taken: list[_Received]) -> None:
+        self.metrics.received.inc(len(taken))
         try:
-            first = self._queue.get(timeout=_IDLE_POLL)
-        except queue.Empty:
-            return []
-        taken = [first]
-        get = self._queue.get_nowait
-        limit = self.options.max_messages
-        try:
-            while len(taken) < limit:
-                taken.append(get())
-        except queue.Empty:
-            pass
-        return taken
-
-    def _write_loop(self) -> None:
-        while not self._stopping.is_set():
-            taken = self._take()
-            if not taken:
-                continue
-            self.metrics.received.inc(len(taken))
-            try:
-                self._handle(taken)
-            except Exception:  # a bug, not bad input: keep the stream going, leave to broker
-                log.exception("telemetry ingest: unexpected error; %d messages left", len(taken))
-                self._settled += len(taken)
+            self._handle(taken)
+        except Exception:  # a bug, not bad input: keep the stream going, leave to broker
+            log.exception("telemetry ingest: unexpected error; %d messages left", len(taken))
+            self._settled += len(taken)
 
     def _handle(self, taken: list[_Received]) -> None:
         now = time.time()
@@ -401,6 +379,11 @@ class TelemetryIngest:
         self.metrics.batches.inc(len(result.stored))
         self.metrics.samples.inc(result.samples)
         self.metrics.duplicates.inc(result.duplicates)
+        for device, metrics in result.refused.items():
+            self.metrics.refused.labels(reason=SERIES_LIMIT).inc()
+            detail = f"at its limit of {self.options.max_series_per_device} series: {metrics[:5]}"
+            self._refusals.refused(device, SERIES_LIMIT, detail)
+        self.metrics.series_refused_samples.inc(result.refused_samples)
         committed = time.time()
         observe = self.metrics.lag.observe
         trailing = 0.0

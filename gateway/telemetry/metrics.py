@@ -18,7 +18,10 @@ from provisioning.telemetry import REASONS
 UNKNOWN_DEVICE: Final = "unknown_device"
 """Refusal reason of the gateway's own (beside the wire schema's): the topic names no active
 device (never enrolled, revoked, or not a device id at all)."""
-REFUSAL_REASONS: Final = frozenset(REASONS | {UNKNOWN_DEVICE})
+SERIES_LIMIT: Final = "series_limit"
+"""A device sent a metric beyond its limit of distinct series: those samples are dropped (the
+rest of the batch is stored), counted here once per batch."""
+REFUSAL_REASONS: Final = frozenset(REASONS | {UNKNOWN_DEVICE, SERIES_LIMIT})
 
 # Seconds; a commit of one write usually takes 1-50 ms, a stalled database much longer.
 _WRITE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -96,8 +99,36 @@ class TelemetryMetrics:
         )
         self.retention_deleted = Counter(
             "edgefleet_telemetry_retention_deleted",
-            "Rows deleted by telemetry retention, by table.",
+            "Rows deleted one by one by telemetry retention (batch keys, very late raw samples), "
+            "by table.",
             ["table"],
+            registry=registry,
+        )
+        self.retention_dropped = Counter(
+            "edgefleet_telemetry_retention_dropped",
+            "Whole units dropped by telemetry retention (PostgreSQL partitions: raw windows, days "
+            "of chunks, weeks of rollups), by table.",
+            ["table"],
+            registry=registry,
+        )
+        self.series_refused_samples = Counter(
+            "edgefleet_telemetry_series_refused_samples",
+            "Samples dropped because their device is at its limit of distinct series.",
+            registry=registry,
+        )
+        self.compacted = Counter(
+            "edgefleet_telemetry_compacted_samples",
+            "Raw samples compacted into chunks.",
+            registry=registry,
+        )
+        self.compaction_seconds = Counter(
+            "edgefleet_telemetry_compaction_seconds",
+            "Time spent compacting (seconds, all passes).",
+            registry=registry,
+        )
+        self.maintenance_errors = Counter(
+            "edgefleet_telemetry_maintenance_errors",
+            "Compaction or retention passes that failed (tried again at the next pass).",
             registry=registry,
         )
 

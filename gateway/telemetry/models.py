@@ -19,12 +19,33 @@ Telemetry is written in bulk on a hot path, so these are plain Core tables, not 
     no conversion on the way in (the wire carries seconds) and bucketing is plain arithmetic
     that both databases compute alike.
 
+    These are the *raw* samples: recent ones, as the ingest wrote them. On PostgreSQL the table
+    is partitioned by ``ts``, one partition per chunk window (`partitions`), plus a default
+    partition for samples that arrive for a window whose partition is gone or not made yet.
+``telemetry_samples_sealed``
+    PostgreSQL only (empty on SQLite): the parent, by plain table inheritance, of raw partitions
+    that were detached from ``telemetry_samples`` because their window closed. Nothing writes to
+    them any more; queries read them until the compaction has turned them into chunks and
+    dropped them in the same transaction (`compaction`).
+``telemetry_chunks``
+    One row per series and chunk window (`CHUNK_SECONDS`): that window's samples, compacted.
+    ``data`` is the values as an encoded block (`codec`), ``ts_data`` the timestamps, which the
+    series of one device often share (one POST carries all of a machine's readings): they are
+    stored once, in the chunk of the series named by ``times_series_id``, and that column points
+    to the series' own row when it has its own. ``last_ts``/``last_value`` answer "latest"
+    without decoding. Partitioned by ``window_start`` on PostgreSQL, a day per partition.
+``telemetry_rollups_1m``, ``telemetry_rollups_1h``
+    count, min, max and sum per series and minute or hour, written by the compaction with the
+    chunks; they answer bucketed queries whose width is a multiple of theirs. Partitioned by
+    ``start`` on PostgreSQL, a week per partition.
+
 Indexes. ``(series_id, ts)`` serves ranges of one metric and the latest value per series.
-``ts`` alone serves retention; on PostgreSQL it is a BRIN index (a few pages for the whole table,
-cheap to maintain since samples arrive roughly in time order), on SQLite an ordinary one. The
-samples table has no primary key and no foreign key: nothing refers to a single sample, and each
-would cost another index lookup on every insert. Series rows are never deleted, so a sample's
-series id stays valid.
+``ts`` alone finds the raw samples of a window; on PostgreSQL it is a BRIN index (a few pages for
+the whole table, cheap to maintain since samples arrive roughly in time order), on SQLite an
+ordinary one. The samples table has no primary key and no foreign key: nothing refers to a
+single sample, and each would cost another index lookup on every insert. Series rows are never
+deleted, so a sample's series id stays valid. Chunks and rollups have their ``(series_id,
+time)`` primary key as their only index.
 """
 
 from __future__ import annotations
@@ -64,4 +85,45 @@ samples = sa.Table(
     sa.Column("value", sa.Double(), nullable=False),
     sa.Index("ix_telemetry_samples_series_ts", "series_id", "ts"),
     sa.Index("ix_telemetry_samples_ts", "ts", postgresql_using="brin"),
+    postgresql_partition_by="RANGE (ts)",
 )
+
+sealed = sa.Table(
+    "telemetry_samples_sealed",
+    SQLModel.metadata,
+    sa.Column("series_id", sa.Integer(), nullable=False),
+    sa.Column("ts", sa.Double(), nullable=False),
+    sa.Column("value", sa.Double(), nullable=False),
+)
+
+chunks = sa.Table(
+    "telemetry_chunks",
+    SQLModel.metadata,
+    sa.Column("series_id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("count", sa.Integer(), nullable=False),
+    sa.Column("window_start", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("last_ts", sa.Double(), nullable=False),
+    sa.Column("last_value", sa.Double(), nullable=False),
+    sa.Column("times_series_id", sa.Integer(), nullable=False),
+    sa.Column("ts_data", sa.LargeBinary(), nullable=True),
+    sa.Column("data", sa.LargeBinary(), nullable=False),
+    postgresql_partition_by="RANGE (window_start)",
+)
+
+
+def _rollup_table(name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        SQLModel.metadata,
+        sa.Column("series_id", sa.Integer(), primary_key=True, autoincrement=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("start", sa.BigInteger(), primary_key=True, autoincrement=False),
+        sa.Column("min", sa.Double(), nullable=False),
+        sa.Column("max", sa.Double(), nullable=False),
+        sa.Column("sum", sa.Double(), nullable=False),
+        postgresql_partition_by="RANGE (start)",
+    )
+
+
+rollups_1m = _rollup_table("telemetry_rollups_1m")
+rollups_1h = _rollup_table("telemetry_rollups_1h")

@@ -1,163 +1,193 @@
-"""Deletes telemetry older than the configured age, in small chunks, in the background.
+"""Retention: whole chunk windows, days of chunks and weeks of rollups go once they are old.
 
-Each chunk is its own short transaction (``chunk`` rows, a few milliseconds), and the job
-pauses between chunks, so the ingest's writes never wait long behind it: on SQLite, where one
-writer at a time holds the database, the ingest gets the lock between two chunks; on
-PostgreSQL rows are only locked for the length of a chunk.
+Raw samples (compacted or not) are kept ``max_age`` seconds, rollups ``rollup_max_age``
+(longer, typically: a year of hourly and minute rollups costs a fraction of a month of samples).
+What goes is always a whole unit, on both databases alike, so SQLite and PostgreSQL keep exactly
+the same data:
 
-What goes: samples whose timestamp is older than ``now - max_age``, and batch keys stored
-longer ago than that (``received_at``). A batch redelivered after its key was deleted would be
-stored again, which can only happen to a message older than the retention age.
+=====================  ===================  ============================================
+what                   unit                 PostgreSQL / SQLite
+=====================  ===================  ============================================
+raw samples            a chunk window (1h)  DROP of the window's partition / DELETE of
+                                            the rows of that window
+chunks                 a day                DROP of the day's partition / DELETE of the
+                                            day's chunk rows (one per series and window)
+rollups (1m and 1h)    a week               DROP of the week's partition / DELETE of its
+                                            rollup rows
+=====================  ===================  ============================================
 
-With several replicas on one PostgreSQL database, one replica at a time runs a pass (a
-``pg_try_advisory_lock``); the others skip theirs.
+A unit goes once all of it is older than the age, so data is kept at least the configured age
+and at most one unit longer. Raw samples are normally compacted long before their age; the raw
+step only removes what the compaction has not reached (samples that arrived very late, in the
+default partition, are deleted row by row).
 
-The statements are SQL text because the cheap way to delete "some rows matching X" differs per
-database and SQLAlchemy has no construct for it: ``ctid = ANY(ARRAY(SELECT ctid ... LIMIT n))``
-on PostgreSQL (a TID scan; ``IN (subquery)`` plans a scan of the whole table) and ``rowid IN
-(SELECT rowid ... LIMIT n)`` on SQLite. Both find the old rows through the ``ts`` /
-``received_at`` index.
+Batch keys (``telemetry_batches``) are not time-partitioned: their primary key must be unique
+across all time to drop redelivered batches. They are deleted in chunks of ``chunk`` rows, each
+its own short transaction, stored longer ago than ``max_age``; a batch redelivered after its key
+was deleted would be stored again, which can only happen to a message older than that.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from gateway.telemetry import partitions
 from gateway.telemetry.metrics import TelemetryMetrics
+from gateway.telemetry.partitions import (
+    CHUNK_PARENT,
+    CHUNK_PARTITION_SECONDS,
+    CHUNK_SECONDS,
+    RAW_DEFAULT,
+    RAW_PARENT,
+    ROLLUP_PARENTS,
+    ROLLUP_PARTITION_SECONDS,
+    floor_to,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE: Final = 30 * 86400
+DEFAULT_ROLLUP_MAX_AGE: Final = 365 * 86400
 DEFAULT_INTERVAL: Final = 300.0
 DEFAULT_CHUNK: Final = 5_000
 DEFAULT_PAUSE: Final = 0.02
-RETENTION_LOCK_KEY: Final = 0x6564_6774_656C  # any constant shared by all replicas
 
-_TABLES: Final = (("telemetry_samples", "ts"), ("telemetry_batches", "received_at"))
-
-
-def _delete_chunk(dialect: str, table: str, column: str) -> sa.TextClause:
-    if dialect == "postgresql":
-        return sa.text(
-            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("  # noqa: S608 (names are constants)
-            f"SELECT ctid FROM {table} WHERE {column} < :cutoff LIMIT :chunk))"
-        )
-    return sa.text(
-        f"DELETE FROM {table} WHERE rowid IN ("  # noqa: S608 (names are constants)
-        f"SELECT rowid FROM {table} WHERE {column} < :cutoff LIMIT :chunk)"
-    )
+# table -> (column of its time, unit in seconds) for the whole-unit deletes on SQLite
+_UNITS: Final = {
+    CHUNK_PARENT: ("window_start", CHUNK_PARTITION_SECONDS),
+    **{name: ("start", ROLLUP_PARTITION_SECONDS) for name in ROLLUP_PARENTS},
+}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RetentionResult:
-    samples: int
-    batches: int
-    chunks: int = 0
-    """Transactions it took (each deleting at most ``chunk`` rows)."""
-    skipped: bool = False
-    """Another replica held the retention lock."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Units dropped per table (PostgreSQL partitions; on SQLite whole units of rows)."""
+    raw_samples: int = 0
+    """Raw samples deleted row by row (SQLite, or PostgreSQL's default partition)."""
+    batches: int = 0
+    """Batch keys deleted."""
 
 
-class RetentionJob:
+class Retention:
     def __init__(
         self,
         engine: Engine,
         max_age: float = DEFAULT_MAX_AGE,
+        rollup_max_age: float | None = None,
         metrics: TelemetryMetrics | None = None,
         *,
-        interval: float = DEFAULT_INTERVAL,
         chunk: int = DEFAULT_CHUNK,
         pause: float = DEFAULT_PAUSE,
+        stop: threading.Event | None = None,
     ) -> None:
-        if max_age <= 0:
+        rollup_max_age = max_age if rollup_max_age is None else rollup_max_age
+        if max_age <= 0 or rollup_max_age <= 0:
             raise ValueError(f"telemetry retention must be positive, got {max_age}")
+        if rollup_max_age < max_age:
+            raise ValueError(
+                f"rollups ({rollup_max_age:.0f}s) cannot be kept shorter than the samples "
+                f"({max_age:.0f}s)"
+            )
         if chunk < 1:
             raise ValueError(f"retention chunk must be at least 1, got {chunk}")
         self.engine = engine
         self.max_age = max_age
+        self.rollup_max_age = rollup_max_age
         self.metrics = metrics
-        self.interval = interval
         self.chunk = chunk
         self.pause = pause
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop = stop or threading.Event()
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="telemetry-retention", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except sa.exc.SQLAlchemyError as exc:
-                log.error("telemetry retention failed (%s); trying again later", exc)
-
-    def run_once(self, now: float | None = None) -> RetentionResult:
-        """One pass: delete everything older than ``now - max_age``, chunk by chunk."""
-        cutoff = (time.time() if now is None else now) - self.max_age
+    def run_once(self, now: float) -> RetentionResult:
+        """One pass; the caller makes sure only one replica runs it (`maintenance`)."""
+        result = RetentionResult()
+        raw_cutoff = now - self.max_age
+        rollup_cutoff = now - self.rollup_max_age
         with self.engine.connect() as conn:
             postgres = conn.dialect.name == "postgresql"
-            if postgres and not self._try_lock(conn):
-                return RetentionResult(0, 0, skipped=True)
-            try:
-                done = [
-                    self._delete_older(conn, table, column, cutoff) for table, column in _TABLES
-                ]
-            finally:
-                if postgres:
-                    conn.execute(
-                        sa.text("SELECT pg_advisory_unlock(:k)"), {"k": RETENTION_LOCK_KEY}
+            if postgres:
+                self._count(result, RAW_PARENT, partitions.drop_older(
+                    conn, RAW_PARENT, raw_cutoff, CHUNK_SECONDS
+                ))  # fmt: skip
+                result.raw_samples = self._delete_rows(
+                    conn, RAW_DEFAULT, "ts", floor_to(raw_cutoff, CHUNK_SECONDS)
+                )
+                self._count(result, CHUNK_PARENT, partitions.drop_older(
+                    conn, CHUNK_PARENT, raw_cutoff, CHUNK_PARTITION_SECONDS
+                ))  # fmt: skip
+                for parent in ROLLUP_PARENTS:
+                    self._count(result, parent, partitions.drop_older(
+                        conn, parent, rollup_cutoff, ROLLUP_PARTITION_SECONDS
+                    ))  # fmt: skip
+            else:
+                result.raw_samples = self._delete_rows(
+                    conn, RAW_PARENT, "ts", floor_to(raw_cutoff, CHUNK_SECONDS)
+                )
+                for table, (column, unit) in _UNITS.items():
+                    cutoff = raw_cutoff if table == CHUNK_PARENT else rollup_cutoff
+                    self._count(
+                        result, table, self._delete_units(conn, table, column, cutoff, unit)
                     )
-                    conn.commit()
-        (samples, sample_chunks), (keys, key_chunks) = done
-        if samples or keys:
+            result.batches = self._delete_rows(conn, "telemetry_batches", "received_at", raw_cutoff)
+        if any(result.dropped.values()) or result.raw_samples or result.batches:
             log.info(
-                "telemetry retention: deleted %d samples and %d batch keys older than %.0fs",
-                samples,
-                keys,
-                self.max_age,
+                "telemetry retention: dropped %s; deleted %d late raw samples and %d batch keys",
+                ", ".join(f"{n} of {t}" for t, n in result.dropped.items() if n) or "nothing",
+                result.raw_samples,
+                result.batches,
             )
-        return RetentionResult(samples, keys, sample_chunks + key_chunks)
+        return result
+
+    def _count(self, result: RetentionResult, table: str, units: int) -> None:
+        result.dropped[table] = units
+        if self.metrics is not None and units:
+            self.metrics.retention_dropped.labels(table=table).inc(units)
 
     @staticmethod
-    def _try_lock(conn: Connection) -> bool:
-        locked = conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": RETENTION_LOCK_KEY}
-        ).scalar_one()
-        conn.commit()
-        return bool(locked)
+    def _delete_units(conn: Connection, table: str, column: str, cutoff: float, unit: int) -> int:
+        """SQLite: delete every whole unit older than ``cutoff``; how many units had rows."""
+        end = floor_to(cutoff, unit)
+        with partitions.begin(conn):
+            units = conn.execute(
+                sa.text(
+                    f"SELECT count(DISTINCT {column} / {unit}) FROM {table} "  # noqa: S608
+                    f"WHERE {column} < :end"
+                ),
+                {"end": end},
+            ).scalar_one()
+            conn.execute(
+                sa.text(f"DELETE FROM {table} WHERE {column} < :end"),  # noqa: S608
+                {"end": end},
+            )
+        return int(units)
 
-    def _delete_older(
-        self, conn: Connection, table: str, column: str, cutoff: float
-    ) -> tuple[int, int]:
-        """(rows deleted, chunks) for one table."""
-        statement = _delete_chunk(conn.dialect.name, table, column)
-        total = chunks = 0
+    def _delete_rows(self, conn: Connection, table: str, column: str, cutoff: float) -> int:
+        """Delete rows older than ``cutoff`` in chunks, each its own transaction."""
+        if conn.dialect.name == "postgresql":
+            statement = sa.text(
+                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("  # noqa: S608 (names are constants)
+                f"SELECT ctid FROM {table} WHERE {column} < :cutoff LIMIT :chunk))"
+            )
+        else:
+            statement = sa.text(
+                f"DELETE FROM {table} WHERE rowid IN ("  # noqa: S608 (names are constants)
+                f"SELECT rowid FROM {table} WHERE {column} < :cutoff LIMIT :chunk)"
+            )
+        total = 0
         while not self._stop.is_set():
-            with conn.begin():
+            with partitions.begin(conn):
                 deleted = conn.execute(statement, {"cutoff": cutoff, "chunk": self.chunk}).rowcount
             total += deleted
-            chunks += 1
             if self.metrics is not None and deleted:
                 self.metrics.retention_deleted.labels(table=table).inc(deleted)
             if deleted < self.chunk:
                 break
             self._stop.wait(self.pause)  # let the ingest in between two chunks
-        return total, chunks
+        return total

@@ -1,5 +1,5 @@
 """Support tunnels, gateway side: records, the open/close flow, the hub runner and the reaper.
 
-The WireGuard building blocks (pool, hub interface, nftables) are in `gateway.tunnel`; this
-package keeps the tunnels in the database and drives those blocks from it.
+The WireGuard building blocks (pool rules, hub interface, nftables) are in `wireguard/`; the rest
+of this package keeps the tunnels in the database and drives those blocks from it.
 """

@@ -1,6 +1,6 @@
 """Tunnel addresses from the database: one /32 per peer, never two holders, quarantine on release.
 
-`gateway.tunnel.pool.choose_address` decides (pure); this module feeds it the stored state and
+`wireguard.pool.choose_address` decides (pure); this module feeds it the stored state and
 claims the chosen address in the same transaction. The address is the table's primary key and a
 re-used address is claimed with a conditional UPDATE, so two replicas allocating at once cannot
 both get it: the loser's transaction fails and is retried.
@@ -15,8 +15,8 @@ from ipaddress import IPv4Address, IPv4Network, ip_address
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway.tunnel.pool import PoolExhaustedError, choose_address, hub_address
 from gateway.tunnels.models import TunnelAddress
+from gateway.tunnels.wireguard.pool import PoolExhaustedError, choose_address, hub_address
 
 
 class AddressRaceError(RuntimeError):

@@ -12,14 +12,15 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from gateway.commands import FINAL_STATES, ReplyHooks
+from gateway.commands.models import CommandRecord
+from gateway.commands.replies import ReplyHooks
 from gateway.db import utcnow
-from gateway.models import CommandRecord
-from gateway.tunnels import states
 from gateway.tunnels.lifecycle import begin_close, transition
 from gateway.tunnels.models import TunnelRecord
-from provisioning.wg import WgKeyError, normalize_public_key
+from gateway.tunnels.states import TunnelFailure
+from provisioning.states import FINAL_COMMAND_STATES, CommandKind, CommandState, TunnelState
 from provisioning.wire import Reply
+from provisioning.wireguard.keys import WgKeyError, normalize_public_key
 
 Notify = Callable[[], None]
 
@@ -49,9 +50,9 @@ class TunnelReplyHooks:
         self._notify = notify
 
     def register(self, hooks: ReplyHooks) -> None:
-        hooks.register("tunnel.open", self.on_open)
-        hooks.register("tunnel.connect", self.on_connect)
-        hooks.register("tunnel.close", self.on_close)
+        hooks.register(CommandKind.tunnel_open, self.on_open)
+        hooks.register(CommandKind.tunnel_connect, self.on_connect)
+        hooks.register(CommandKind.tunnel_close, self.on_close)
 
     def _wake_after_commit(self, session: Session) -> None:
         notify = self._notify
@@ -60,25 +61,25 @@ class TunnelReplyHooks:
 
     def on_open(self, session: Session, record: CommandRecord, reply: Reply) -> None:
         tunnel = _tunnel(session, record)
-        if tunnel is None or tunnel.state != states.REQUESTED:
+        if tunnel is None or tunnel.state != TunnelState.requested:
             return
-        if reply.state == "succeeded":
+        if reply.state == CommandState.succeeded:
             key = _device_key(tunnel, reply)
             if key is not None:
                 if transition(
                     session,
                     tunnel.id,
-                    (states.REQUESTED,),
-                    state=states.PREPARED,
+                    (TunnelState.requested,),
+                    state=TunnelState.prepared,
                     device_public_key=key,
                 ):
                     self._wake_after_commit(session)
                 return
-            failure, reason = states.DEVICE_FAILED, "the device answered without a valid key"
+            failure, reason = TunnelFailure.device_failed, "the device answered without a valid key"
             close_due = True
-        elif reply.state in FINAL_STATES:
-            refused = reply.state == "refused"
-            failure = states.DEVICE_REFUSED if refused else states.DEVICE_FAILED
+        elif reply.state in FINAL_COMMAND_STATES:
+            refused = reply.state == CommandState.refused
+            failure = TunnelFailure.device_refused if refused else TunnelFailure.device_failed
             said = reply.detail or reply.state
             reason = f"the device refused: {said}" if refused else f"the device failed: {said}"
             close_due = False  # it brought nothing up (or removed what it had made)
@@ -87,33 +88,41 @@ class TunnelReplyHooks:
         begin_close(
             session,
             tunnel,
-            final_state=states.FAILED,
+            final_state=TunnelState.failed,
             reason=reason,
             actor=f"device {tunnel.device_id}",
             now=utcnow(),
             failure=failure,
-            from_states=(states.REQUESTED,),
+            from_states=(TunnelState.requested,),
             device_close_due=close_due,
         )
 
     def on_connect(self, session: Session, record: CommandRecord, reply: Reply) -> None:
         tunnel = _tunnel(session, record)
-        if tunnel is None or reply.state == "succeeded" or reply.state not in FINAL_STATES:
+        if (
+            tunnel is None
+            or reply.state == CommandState.succeeded
+            or reply.state not in FINAL_COMMAND_STATES
+        ):
             return
         if begin_close(
             session,
             tunnel,
-            final_state=states.FAILED,
+            final_state=TunnelState.failed,
             reason=f"the device could not dial the hub: {reply.detail or reply.state}",
             actor=f"device {tunnel.device_id}",
             now=utcnow(),
-            failure=states.DEVICE_FAILED,
-            from_states=(states.DIALING,),
+            failure=TunnelFailure.device_failed,
+            from_states=(TunnelState.dialing,),
         ):
             self._wake_after_commit(session)
 
     def on_close(self, session: Session, record: CommandRecord, reply: Reply) -> None:
         tunnel = _tunnel(session, record)
-        if tunnel is not None and reply.state == "succeeded" and tunnel.device_closed_at is None:
+        if (
+            tunnel is not None
+            and reply.state == CommandState.succeeded
+            and tunnel.device_closed_at is None
+        ):
             tunnel.device_closed_at = utcnow()
             session.add(tunnel)

@@ -20,7 +20,6 @@ and slowly otherwise; a reply hook wakes it at once when a device's key arrives.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
@@ -29,24 +28,25 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands
+from gateway.commands.sender import issue
 from gateway.db import utcnow
-from gateway.errors import Unavailable
+from gateway.errors import HubConflictError, Unavailable
+from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.hub import HubTunnel, TunnelHub, UnknownTunnelError
 from gateway.tunnels import states
-from gateway.tunnels.lifecycle import begin_close, finalize, send_device_closes, transition
+from gateway.tunnels.lifecycle import fail, finalize, send_device_closes, transition
 from gateway.tunnels.models import HubRecord, TunnelRecord
 from gateway.tunnels.service import HUB_ID, HUB_STALE_AFTER
-from provisioning.wg import PeerStats, WireGuardError
+from gateway.tunnels.states import TunnelFailure
+from gateway.tunnels.wireguard.hub import HubTunnel, TunnelHub, UnknownTunnelError
+from provisioning.periodic import Periodic
+from provisioning.states import CommandKind, TunnelState
+from provisioning.tunnel_command import TunnelRef
+from provisioning.wireguard.tools import PeerStats, WireGuardError
 
 log = logging.getLogger(__name__)
 
-_WORK = (states.PREPARED, states.DIALING, states.OPEN, states.CLOSING)
-
-
-class HubConflictError(RuntimeError):
-    """Another hub serves this database."""
+_WORK = (TunnelState.prepared, TunnelState.dialing, TunnelState.open, TunnelState.closing)
 
 
 def hub_tunnel(row: TunnelRecord) -> HubTunnel:
@@ -86,9 +86,7 @@ class HubRunner:
         self.idle_tick = idle_tick
         self.heartbeat_every = heartbeat_every
         self.stats_every = stats_every
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tunnel-hub", daemon=True)
+        self._periodic = Periodic("tunnel-hub", self._tick, idle_tick, first_at_start=True)
         self._next_heartbeat = 0.0
         self._next_stats = 0.0
 
@@ -106,17 +104,14 @@ class HubRunner:
             ).all()
         report = self.hub.restore([hub_tunnel(row) for row in rows])
         log.info("tunnel hub restored %d tunnel(s) from the database: %s", len(rows), report)
-        self._thread.start()
+        self._periodic.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._periodic.wake()
 
     def stop(self) -> None:
         """Stop the loop. The hub stays up while tunnels are open (a restart adopts it)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._periodic.stop(timeout=10)
         open_now = self.hub.tunnels
         if open_now:
             log.info(
@@ -163,15 +158,9 @@ class HubRunner:
             session.commit()
 
     # ---- the loop -------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = False
-            try:
-                busy = self.reconcile()
-            except Exception:
-                log.exception("tunnel hub reconcile failed; retrying")
-            self._wake.wait(self.busy_tick if busy else self.idle_tick)
-            self._wake.clear()
+    def _tick(self) -> float:
+        """One reconcile; tick fast while a tunnel is on its way."""
+        return self.busy_tick if self.reconcile() else self.idle_tick
 
     def reconcile(self) -> bool:
         """One pass; whether a tunnel is still on its way (tick fast)."""
@@ -182,10 +171,10 @@ class HubRunner:
         by_state: dict[str, list[TunnelRecord]] = {state: [] for state in _WORK}
         for row in rows:
             by_state[row.state].append(row)
-        for row in by_state[states.PREPARED]:
+        for row in by_state[TunnelState.prepared]:
             self._add(row)
-        closed = sum(self._remove(row) for row in by_state[states.CLOSING])
-        self._watch(by_state[states.DIALING], by_state[states.OPEN])
+        closed = sum(self._remove(row) for row in by_state[TunnelState.closing])
+        self._watch(by_state[TunnelState.dialing], by_state[TunnelState.open])
         known = {row.id for row in rows}
         for stray in set(self.hub.tunnels) - known:
             log.warning("tunnel %s is on the hub but not live in the database; removing", stray)
@@ -197,7 +186,7 @@ class HubRunner:
         if closed:
             with Session(self.runtime.engine, expire_on_commit=False) as session:
                 send_device_closes(session, self.runtime, utcnow())
-        return bool(by_state[states.PREPARED] or by_state[states.DIALING] or closed)
+        return bool(by_state[TunnelState.prepared] or by_state[TunnelState.dialing] or closed)
 
     def _heartbeat(self) -> None:
         with Session(self.runtime.engine) as session:
@@ -212,25 +201,15 @@ class HubRunner:
 
     def _fail(self, row: TunnelRecord, failure: str, reason: str) -> None:
         with Session(self.runtime.engine, expire_on_commit=False) as session:
-            begin_close(
-                session,
-                row,
-                final_state=states.FAILED,
-                reason=reason,
-                actor="gateway",
-                now=utcnow(),
-                failure=failure,
-                from_states=(states.DIALING,),
-            )
-            session.commit()
+            fail(session, row, failure, reason, from_states=(TunnelState.dialing,))
 
     def _add(self, row: TunnelRecord) -> None:
         with Session(self.runtime.engine, expire_on_commit=False) as session:
             claimed = transition(
                 session,
                 row.id,
-                (states.PREPARED,),
-                state=states.DIALING,
+                (TunnelState.prepared,),
+                state=TunnelState.dialing,
                 hub_added_at=utcnow(),
             )
             session.commit()
@@ -240,24 +219,26 @@ class HubRunner:
             self.hub.add_tunnel(hub_tunnel(row))
         except (ValueError, WireGuardError) as exc:
             log.error("tunnel %s: the hub could not add it: %s", row.id, exc)
-            self._fail(row, states.HUB_FAILED, f"the hub could not add the tunnel: {exc}")
+            self._fail(row, TunnelFailure.hub_failed, f"the hub could not add the tunnel: {exc}")
             return
         lifetime = max(30, int((row.open_deadline - utcnow()).total_seconds()) + 1)
         try:
             with Session(self.runtime.engine, expire_on_commit=False) as session:
-                commands.issue(
+                issue(
                     session,
                     identity=self.runtime.identity,
                     publisher=self.runtime.command_publisher(),
                     device_id=row.device_id,
-                    kind="tunnel.connect",
-                    args={"tunnel_id": row.id},
+                    kind=CommandKind.tunnel_connect,
+                    args=TunnelRef(tunnel_id=row.id),
                     lifetime=lifetime,
                     actor=row.actor,
                     ref=row.id,
                 )
         except Unavailable as exc:
-            self._fail(row, states.BROKER_UNAVAILABLE, f"tunnel.connect not sent: {exc.detail}")
+            self._fail(
+                row, TunnelFailure.broker_unavailable, f"tunnel.connect not sent: {exc.detail}"
+            )
 
     def _remove(self, row: TunnelRecord) -> bool:
         try:
@@ -271,11 +252,11 @@ class HubRunner:
             done = finalize(
                 session,
                 row,
-                final_state=row.close_state or states.CLOSED,
+                final_state=TunnelState(row.close_state or TunnelState.closed),
                 reason=row.close_reason or "closed",
                 actor=row.closed_by or "gateway",
                 now=utcnow(),
-                from_states=(states.CLOSING,),
+                from_states=(TunnelState.closing,),
                 failure=row.failure,
                 stats=stats,
             )
@@ -312,7 +293,7 @@ class HubRunner:
                 if peer.tx_bytes != row.bytes_to_device:
                     values["bytes_to_device"] = peer.tx_bytes
                 if values:
-                    transition(session, row.id, (states.OPEN,), **values)
+                    transition(session, row.id, (TunnelState.open,), **values)
             session.commit()
 
     def _mark_open(self, row: TunnelRecord, peer: PeerStats) -> None:
@@ -321,8 +302,8 @@ class HubRunner:
             if not transition(
                 session,
                 row.id,
-                (states.DIALING,),
-                state=states.OPEN,
+                (TunnelState.dialing,),
+                state=TunnelState.open,
                 opened_at=now,
                 device_handshake_at=_at(peer.last_handshake),
                 device_endpoint=peer.endpoint,

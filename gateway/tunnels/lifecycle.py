@@ -17,13 +17,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands
+from gateway.commands.sender import issue
+from gateway.db import utcnow
 from gateway.errors import Unavailable
+from gateway.registry import audit
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.hub import TunnelStats
 from gateway.tunnels import addresses, states
 from gateway.tunnels.models import TunnelRecord
+from gateway.tunnels.wireguard.hub import TunnelStats
 from provisioning.jwt_rules import MAX_COMMAND_LIFETIME
+from provisioning.states import TUNNEL_FINAL, CommandKind, TunnelState
+from provisioning.tunnel_command import TunnelCloseArgs
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def finalize(
     session: Session,
     tunnel: TunnelRecord,
     *,
-    final_state: str,
+    final_state: TunnelState,
     reason: str,
     actor: str,
     now: datetime,
@@ -106,7 +110,7 @@ def begin_close(
     session: Session,
     tunnel: TunnelRecord,
     *,
-    final_state: str,
+    final_state: TunnelState,
     reason: str,
     actor: str,
     now: datetime,
@@ -117,7 +121,7 @@ def begin_close(
     """Start ending a live tunnel. One the hub never took is final at once; one with peers on
     the hub goes to `closing` and the hub runner finishes it. Whether this call changed it."""
     allowed = set(from_states)
-    never_on_hub = [s for s in (states.REQUESTED, states.PREPARED) if s in allowed]
+    never_on_hub = [s for s in (TunnelState.requested, TunnelState.prepared) if s in allowed]
     if finalize(
         session,
         tunnel,
@@ -130,17 +134,39 @@ def begin_close(
         device_close_due=device_close_due,
     ):
         return True
-    on_hub = [s for s in (states.DIALING, states.OPEN) if s in allowed]
+    on_hub = [s for s in (TunnelState.dialing, TunnelState.open) if s in allowed]
     return transition(
         session,
         tunnel.id,
         on_hub,
-        state=states.CLOSING,
+        state=TunnelState.closing,
         close_state=final_state,
         close_reason=reason,
         closed_by=actor,
         failure=failure,
     )
+
+
+def fail(
+    session: Session,
+    tunnel: TunnelRecord,
+    failure: str,
+    reason: str,
+    from_states: Iterable[str],
+) -> bool:
+    """The gateway ends a tunnel that did not open (`begin_close` as `failed`), and commits."""
+    changed = begin_close(
+        session,
+        tunnel,
+        final_state=TunnelState.failed,
+        reason=reason,
+        actor="gateway",
+        now=utcnow(),
+        failure=failure,
+        from_states=from_states,
+    )
+    session.commit()
+    return changed
 
 
 def send_device_closes(session: Session, runtime: GatewayRuntime, now: datetime) -> int:
@@ -170,13 +196,13 @@ def send_device_closes(session: Session, runtime: GatewayRuntime, now: datetime)
             continue
         lifetime = max(MIN_CLOSE_LIFETIME, math.ceil((tunnel.expires_at - now).total_seconds()))
         try:
-            commands.issue(
+            issue(
                 session,
                 identity=runtime.identity,
                 publisher=runtime.command_publisher(),
                 device_id=tunnel.device_id,
-                kind="tunnel.close",
-                args={"tunnel_id": tunnel.id, "reason": tunnel.close_reason or "closed"},
+                kind=CommandKind.tunnel_close,
+                args=TunnelCloseArgs(tunnel_id=tunnel.id, reason=tunnel.close_reason or "closed"),
                 lifetime=min(lifetime, MAX_COMMAND_LIFETIME),
                 actor=tunnel.closed_by or "gateway",
                 ref=tunnel.id,
@@ -188,7 +214,7 @@ def send_device_closes(session: Session, runtime: GatewayRuntime, now: datetime)
             transition(
                 session,
                 tunnel.id,
-                states.FINAL,
+                TUNNEL_FINAL,
                 device_close_sent_at=None,
             )
             session.commit()

@@ -12,7 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import JSON, Column, Field, SQLModel
 
-from gateway.models import UTCDateTime
+from gateway.db import UTCDateTime
 
 
 def _ts(nullable: bool = False, index: bool = False) -> datetime:

@@ -19,6 +19,7 @@ from gateway.tunnels import states
 from gateway.tunnels.lifecycle import begin_close, send_device_closes
 from gateway.tunnels.models import TunnelRecord
 from gateway.tunnels.service import fail_if_late, span
+from provisioning.states import TunnelState
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def reap(runtime: GatewayRuntime) -> None:
             begin_close(
                 session,
                 tunnel,
-                final_state=states.EXPIRED,
+                final_state=TunnelState.expired,
                 reason=f"reached the end of its {span(ttl)} lifetime",
                 actor="gateway",
                 now=now,

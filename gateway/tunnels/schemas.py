@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.tunnels.addresses import PoolUsage
 from gateway.tunnels.models import HubRecord, TunnelRecord
-from provisioning.wg import normalize_public_key
+from provisioning.wireguard.keys import normalize_public_key
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"

@@ -15,22 +15,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from ipaddress import IPv4Network
-from typing import Any
+from ipaddress import IPv4Address, IPv4Network
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from gateway import audit, commands, devices
+from gateway.commands.sender import issue
 from gateway.db import utcnow
-from gateway.errors import Conflict, GatewayError, Invalid, NotFound, Unavailable
+from gateway.errors import (
+    Conflict,
+    GatewayError,
+    Invalid,
+    NotFound,
+    OpenFailed,
+    OpenTimedOut,
+    Unavailable,
+)
+from gateway.registry import audit, devices
 from gateway.runtime import GatewayRuntime
-from gateway.tunnel.pool import PoolExhaustedError, parse_network
 from gateway.tunnels import addresses, states
 from gateway.tunnels.addresses import AddressRaceError
-from gateway.tunnels.lifecycle import begin_close, finalize
+from gateway.tunnels.lifecycle import begin_close, fail, finalize
 from gateway.tunnels.models import HubRecord, TunnelRecord
+from gateway.tunnels.states import TunnelFailure
+from gateway.tunnels.wireguard.pool import PoolExhaustedError, parse_network
+from provisioning.states import TUNNEL_FINAL, CommandKind, TunnelState
+from provisioning.tunnel_command import TunnelOpenArgs
 
 HUB_ID = "default"
 #: A hub that has not written its heartbeat for this long is taken as down.
@@ -41,18 +52,6 @@ DEVICE_KEEPALIVE = 15
 CLOSE_WAIT = 10.0
 POLL_INTERVAL = 0.05
 _ALLOCATION_ATTEMPTS = 5
-
-
-class OpenTimedOut(GatewayError):
-    """The device did not come up in time (offline, or no WireGuard handshake)."""
-
-    status = 504
-
-
-class OpenFailed(GatewayError):
-    """The device or the hub could not bring the tunnel up."""
-
-    status = 502
 
 
 @dataclass(frozen=True)
@@ -119,27 +118,27 @@ def list_tunnels(
 ) -> list[TunnelRecord]:
     query = select(TunnelRecord)
     if not include_closed:
-        query = query.where(col(TunnelRecord.state).not_in(states.FINAL))
+        query = query.where(col(TunnelRecord.state).not_in(TUNNEL_FINAL))
     if device_id:
         query = query.where(TunnelRecord.device_id == device_id)
     query = query.order_by(col(TunnelRecord.created_at).desc()).limit(limit)
     return list(session.exec(query))
 
 
-def session_args(tunnel: TunnelRecord) -> dict[str, Any]:
-    """What `tunnel.open` asks the device to bring up (the agent's `TunnelSession`)."""
-    return {
-        "tunnel_id": tunnel.id,
-        "device_ip": tunnel.device_ip,
-        "engineer_ip": tunnel.engineer_ip,
-        "hub_ip": tunnel.hub_ip,
-        "hub_public_key": tunnel.hub_public_key,
-        "hub_endpoint": tunnel.hub_endpoint,
-        "ports": sorted(tunnel.ports),
-        "expires_at": tunnel.expires_at.timestamp(),
-        "mtu": tunnel.mtu,
-        "keepalive": DEVICE_KEEPALIVE,
-    }
+def session_args(tunnel: TunnelRecord) -> TunnelOpenArgs:
+    """What `tunnel.open` asks the device to bring up."""
+    return TunnelOpenArgs(
+        tunnel_id=tunnel.id,
+        device_ip=IPv4Address(tunnel.device_ip),
+        engineer_ip=IPv4Address(tunnel.engineer_ip),
+        hub_ip=IPv4Address(tunnel.hub_ip),
+        hub_public_key=tunnel.hub_public_key,
+        hub_endpoint=tunnel.hub_endpoint,
+        ports=frozenset(tunnel.ports),
+        expires_at=tunnel.expires_at.timestamp(),
+        mtu=tunnel.mtu,
+        keepalive=DEVICE_KEEPALIVE,
+    )
 
 
 def _check_request(session: Session, runtime: GatewayRuntime, request: OpenRequest) -> None:
@@ -180,7 +179,7 @@ def _record(
         id=tunnel_id,
         device_id=request.device_id,
         active_device=request.device_id,
-        state=states.REQUESTED,
+        state=TunnelState.requested,
         actor=actor,
         reason=request.reason,
         ports=sorted(set(request.ports)),
@@ -239,12 +238,12 @@ def open_tunnel(
     if tunnel is None:
         raise Unavailable("busy", "could not allocate tunnel addresses (contention); try again")
     try:
-        commands.issue(
+        issue(
             session,
             identity=runtime.identity,
             publisher=publisher,
             device_id=tunnel.device_id,
-            kind="tunnel.open",
+            kind=CommandKind.tunnel_open,
             args=session_args(tunnel),
             lifetime=math.ceil((tunnel.open_deadline - tunnel.created_at).total_seconds()),
             actor=actor,
@@ -255,12 +254,12 @@ def open_tunnel(
         finalize(
             session,
             tunnel,
-            final_state=states.FAILED,
+            final_state=TunnelState.failed,
             reason=f"the command could not be sent: {exc.detail}",
             actor="gateway",
             now=utcnow(),
-            from_states=(states.REQUESTED,),
-            failure=states.BROKER_UNAVAILABLE,
+            from_states=(TunnelState.requested,),
+            failure=TunnelFailure.broker_unavailable,
             device_close_due=False,
         )
         session.commit()
@@ -284,7 +283,7 @@ def _poll(
 def deadline_reason(tunnel: TunnelRecord, session: Session) -> tuple[str, str]:
     """(failure code, message) for a tunnel that was not open by its deadline."""
     waited = span((tunnel.open_deadline - tunnel.created_at).total_seconds())
-    if tunnel.state == states.REQUESTED:
+    if tunnel.state == TunnelState.requested:
         device = devices.get_device(session, tunnel.device_id)
         seen = (
             f"last seen {device.last_seen:%Y-%m-%d %H:%M:%S} UTC"
@@ -293,18 +292,18 @@ def deadline_reason(tunnel: TunnelRecord, session: Session) -> tuple[str, str]:
         )
         registry = "online" if device.online else f"offline, {seen}"
         return (
-            states.DEVICE_OFFLINE,
+            TunnelFailure.device_offline,
             f"device {tunnel.device_id} did not answer within {waited}: it is offline or its "
             f"agent is not running (registry: {registry})",
         )
-    if tunnel.state == states.PREPARED:
+    if tunnel.state == TunnelState.prepared:
         return (
-            states.HUB_FAILED,
+            TunnelFailure.hub_failed,
             f"the tunnel hub did not take the tunnel within {waited}; is the gateway replica "
             "started with --tunnel-hub running?",
         )
     return (
-        states.NO_HANDSHAKE,
+        TunnelFailure.no_handshake,
         f"device {tunnel.device_id} brought its side up but made no WireGuard handshake with the "
         f"hub at {tunnel.hub_endpoint} within {waited}; check that it can reach that UDP port",
     )
@@ -313,18 +312,7 @@ def deadline_reason(tunnel: TunnelRecord, session: Session) -> tuple[str, str]:
 def fail_if_late(session: Session, runtime: GatewayRuntime, tunnel: TunnelRecord) -> bool:
     """End a tunnel still opening past its deadline; whether this call did."""
     failure, reason = deadline_reason(tunnel, session)
-    changed = begin_close(
-        session,
-        tunnel,
-        final_state=states.FAILED,
-        reason=reason,
-        actor="gateway",
-        now=utcnow(),
-        failure=failure,
-        from_states=(tunnel.state,),
-    )
-    session.commit()
-    return changed
+    return fail(session, tunnel, failure, reason, from_states=(tunnel.state,))
 
 
 def open_error(tunnel: TunnelRecord) -> GatewayError:
@@ -333,13 +321,13 @@ def open_error(tunnel: TunnelRecord) -> GatewayError:
     detail = (
         f"tunnel {tunnel.id} to {tunnel.device_id} was not opened: {why}. Nothing was left open."
     )
-    if tunnel.failure == states.DEVICE_REFUSED:
+    if tunnel.failure == TunnelFailure.device_refused:
         return Conflict("device_refused", detail)
-    if tunnel.failure in (states.DEVICE_OFFLINE, states.NO_HANDSHAKE):
+    if tunnel.failure in (TunnelFailure.device_offline, TunnelFailure.no_handshake):
         return OpenTimedOut(tunnel.failure, detail)
-    if tunnel.failure == states.BROKER_UNAVAILABLE:
+    if tunnel.failure == TunnelFailure.broker_unavailable:
         return Unavailable(tunnel.failure, detail)
-    if tunnel.state == states.CLOSED:
+    if tunnel.state == TunnelState.closed:
         return Conflict(
             "closed", f"tunnel {tunnel.id} was closed by {tunnel.closed_by} while opening"
         )
@@ -356,10 +344,12 @@ def wait_open(runtime: GatewayRuntime, tunnel_id: str) -> TunnelRecord:
     if row.state in states.OPENING:
         with Session(engine, expire_on_commit=False) as session:
             fail_if_late(session, runtime, row)
-    if row.state == states.OPEN:
+    if row.state == TunnelState.open:
         return row
-    final = _poll(engine, tunnel_id, lambda t: t.state in (*states.FINAL, states.OPEN), CLOSE_WAIT)
-    if final.state == states.OPEN:
+    final = _poll(
+        engine, tunnel_id, lambda t: t.state in (*TUNNEL_FINAL, TunnelState.open), CLOSE_WAIT
+    )
+    if final.state == TunnelState.open:
         return final
     raise open_error(final)
 
@@ -370,11 +360,11 @@ def close_tunnel(
     """Close a tunnel now (idempotent); waits, bounded, until the hub has taken it out."""
     with Session(runtime.engine, expire_on_commit=False) as session:
         tunnel = get_tunnel(session, tunnel_id)
-        if tunnel.state not in states.FINAL:
+        if tunnel.state not in TUNNEL_FINAL:
             begin_close(
                 session,
                 tunnel,
-                final_state=states.CLOSED,
+                final_state=TunnelState.closed,
                 reason=reason or f"closed by {actor}",
                 actor=actor,
                 now=utcnow(),
@@ -383,4 +373,4 @@ def close_tunnel(
     if not wait:
         with Session(runtime.engine, expire_on_commit=False) as session:
             return get_tunnel(session, tunnel_id)
-    return _poll(runtime.engine, tunnel_id, lambda t: t.state in states.FINAL, CLOSE_WAIT)
+    return _poll(runtime.engine, tunnel_id, lambda t: t.state in TUNNEL_FINAL, CLOSE_WAIT)

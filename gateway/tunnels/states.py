@@ -1,4 +1,4 @@
-"""A tunnel's life, as strings stored in `tunnels.state`.
+"""A tunnel's life, stored in `tunnels.state` (the names are `provisioning.states.TunnelState`).
 
     requested --(device answers with its key)--> prepared --(hub adds both peers,
     tunnel.connect sent)--> dialing --(first handshake)--> open
@@ -9,30 +9,32 @@ A tunnel that never reached the hub goes straight to its final state.
 
 from __future__ import annotations
 
-REQUESTED = "requested"
-PREPARED = "prepared"
-DIALING = "dialing"
-OPEN = "open"
-CLOSING = "closing"
-CLOSED = "closed"
-EXPIRED = "expired"
-FAILED = "failed"
+from enum import StrEnum
+
+from provisioning.states import TunnelState
 
 #: Not yet open: the open deadline applies.
-OPENING = (REQUESTED, PREPARED, DIALING)
+OPENING = (TunnelState.requested, TunnelState.prepared, TunnelState.dialing)
 #: Alive: counts as the device's one tunnel, can be closed.
-LIVE = (*OPENING, OPEN)
+LIVE = (*OPENING, TunnelState.open)
 #: The hub holds (or may hold) peers for these.
-ON_HUB = (DIALING, OPEN, CLOSING)
-FINAL = (CLOSED, EXPIRED, FAILED)
+ON_HUB = (TunnelState.dialing, TunnelState.open, TunnelState.closing)
 
-#: Why an open failed (stored in `tunnels.failure`, mapped to an HTTP status by the API).
-DEVICE_OFFLINE = "device_offline"
-DEVICE_REFUSED = "device_refused"
-DEVICE_FAILED = "device_failed"
-NO_HANDSHAKE = "no_handshake"
-HUB_FAILED = "hub_failed"
-BROKER_UNAVAILABLE = "broker_unavailable"
+
+class TunnelFailure(StrEnum):
+    """Why an open failed (stored in `tunnels.failure`, the API error's reason)."""
+
+    device_offline = "device_offline"
+    device_refused = "device_refused"
+    device_failed = "device_failed"
+    no_handshake = "no_handshake"
+    hub_failed = "hub_failed"
+    broker_unavailable = "broker_unavailable"
+
 
 #: The audit action written when a tunnel reaches each final state.
-AUDIT_ACTION = {CLOSED: "tunnel.close", EXPIRED: "tunnel.expire", FAILED: "tunnel.fail"}
+AUDIT_ACTION = {
+    TunnelState.closed: "tunnel.close",
+    TunnelState.expired: "tunnel.expire",
+    TunnelState.failed: "tunnel.fail",
+}

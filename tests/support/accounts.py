@@ -16,7 +16,7 @@ from gateway.accounts.models import Customer, User
 from gateway.accounts.passwords import hash_password
 from gateway.accounts.principal import Actor, Principal, PrincipalKind
 from gateway.db import utcnow
-from gateway.models import Role
+from gateway.registry.models import Role
 from tests.support import local_http
 
 STAFF = Principal(PrincipalKind.legacy_token, Actor("tests"), role=Role.admin)

@@ -28,8 +28,8 @@ import httpx
 
 from gateway.broker.dynsec import GATEWAY_USERNAME, DynsecAdmin
 from gateway.broker.mosquitto import broker_directory, gateway_password_path, pki_directory
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import CA_CERT_NAME
+from provisioning.mqtt import MqttEndpoint
 from tests.support import local_http
 from tests.support.accounts import login_token, person_token
 from tests.support.waiting import free_port, wait_for

@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 
-from gateway.broker.mqtt_url import MqttEndpoint
 from provisioning import keys
+from provisioning.mqtt import MqttEndpoint
 from tests.support import local_http
 from tests.support.accounts import person_token
 

@@ -25,7 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.broker.dynsec import DynsecAdmin, generate_password
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint
+from provisioning.mqtt import MqttEndpoint
 from tests.support.waiting import free_port, wait_for
 
 #: How long a test's MQTT client waits before it reconnects (paho's backoff, pinned). An agent

@@ -30,18 +30,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from provisioning.wg import (
-    UAPI_DIR,
-    WireGuardGo,
-    configure_link,
+from provisioning.process import pid_alive
+from provisioning.wireguard.tools import configure_link, run_command
+from provisioning.wireguard.wireguard_go import UAPI_DIR, WireGuardGo
+from tests.support.waiting import wait_for
+from tests.support.wireguard import (
     parse_wg_quick,
-    pid_alive,
-    run_command,
     strip_wg_quick,
     wg_quick_addresses,
     wg_quick_allowed_ips,
 )
-from tests.support.waiting import wait_for
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000

@@ -32,15 +32,15 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from edge_agent.outbox import Outbox
-from edge_agent.telemetry_sender import TelemetrySender
+from edge_agent.telemetry.outbox import Outbox
+from edge_agent.telemetry.sender import TelemetrySender
 from gateway.broker.mosquitto import MosquittoSupervisor
-from gateway.broker.mqtt_url import MqttEndpoint
-from gateway.models import Device
+from gateway.registry.models import Device
 from gateway.telemetry.ingest import IngestOptions, TelemetryIngest
 from gateway.telemetry.metrics import TelemetryMetrics
 from gateway.telemetry.models import samples, series
 from gateway.telemetry.store import WriteResult
+from provisioning.mqtt import MqttEndpoint
 from provisioning.telemetry import Sample, encode_batch
 from provisioning.wire import Topics
 from tests.support.mosquitto import RECONNECT_DELAY_S, enroll_device

@@ -28,9 +28,9 @@ import httpx
 
 from gateway.broker.dynsec import GATEWAY_USERNAME
 from gateway.broker.mosquitto import gateway_password_path, pki_directory
-from gateway.broker.mqtt_url import MqttEndpoint
 from gateway.broker.pki import CA_CERT_NAME
-from provisioning.wg import link_exists, run_command
+from provisioning.mqtt import MqttEndpoint
+from provisioning.wireguard.tools import link_exists, run_command
 from tests.support import local_http
 from tests.support.accounts import person_token
 from tests.support.netns import NetLab, in_netns
