@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.intake import decode_json, samples_from_request
+from edge_agent.telemetry.intake import decode_json, samples_from_request
 from gateway.errors import Invalid
 from gateway.flows import module_cache
 from provisioning.bundles import MAX_JSON_DEPTH, Bundle, InvalidBundle, validate_flows
