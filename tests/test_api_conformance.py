@@ -51,13 +51,14 @@ SKIPPED = {
 }
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with GatewayProcess(tmp_path_factory.mktemp("conformance") / "data") as gateway:
+@pytest.fixture
+def gw(tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A gateway per run: the admin's run revokes tokens and users, its own among them."""
+    with GatewayProcess(tmp_path / "data") as gateway:
         yield gateway
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def known(gw: GatewayProcess) -> dict[str, str]:
     """Ids that exist: an enrolled device and a release."""
     token = gw.create_provisioning_token("--uses", "1")["token"]
@@ -80,9 +81,9 @@ def _config(path: Path, known: dict[str, str]) -> Path:
     # A cursor is opaque: only one the gateway gave out (X-Next-Cursor) is valid, which no
     # schema can say; lists are asked for from their start.
     lines += ['"query.cursor" = ""']
-    # Stateful sequences send valid requests only: Schemathesis mislabels a request whose id came
-    # from a link as "negative" and then flags its 200 (schemathesis#2983, open). Invalid
-    # requests are sent in the coverage and fuzzing phases, where that label is right.
+    # Stateful sequences send valid requests only: Schemathesis labels a request whose id came
+    # from a link as negative and then flags its 200 (schemathesis#2983, open). Invalid
+    # requests are sent, and must be refused, in the coverage and fuzzing phases.
     lines += ["", "[phases.stateful.generation]", 'mode = "positive"']
     # The run authenticates with its bearer token; a made-up session cookie beside it would only
     # test that a dead session is refused, which tests/test_accounts_api.py does.
